@@ -1,0 +1,34 @@
+# Set-up and checks. Everything runs inside .venv so a clean clone needs only python3 >= 3.10.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel by default; GPU users: `make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"`
+# or install their torch into .venv first (an existing torch is kept).
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test lint format bench clean
+
+install:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[dev,sweeps]"
+
+test:
+	WANDB_MODE=offline $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+lint:
+	$(PY) -m ruff check src tests experiments
+	$(PY) -m ruff format --check src tests experiments
+
+format:
+	$(PY) -m ruff check --fix src tests experiments
+	$(PY) -m ruff format src tests experiments
+
+bench:
+	$(PY) experiments/benchmarks/deformation.py
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info outputs multirun
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find logs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

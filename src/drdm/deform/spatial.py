@@ -1,0 +1,152 @@
+"""Spatial transforms on dense displacement fields: warp and compose.
+
+Conventions used everywhere in drdm:
+
+* A displacement field ``u`` has shape ``[B, ndims, *spatial]`` and is in **voxels**. Channel ``i``
+  is the displacement along spatial axis ``i`` of the tensor (tensor axis order, not grid_sample's
+  reversed x-y-z order).
+* Warping is a pull-back: ``warp(image, u)(x) = image(x + u(x))``.
+* ``compose(first, second)`` is the displacement of *applying ``first`` then ``second``*::
+
+      warp(warp(image, first), second) == warp(image, compose(first, second))
+      compose(first, second)(x) = second(x) + first(x + second(x))
+
+  This is the composition the DRDM method writes as ``u <- p + u o (id + p)``
+  (``compose(u, p)``) and the self-composition ``u_{j+1} = v + u_j o (id + v)``.
+
+Positions are voxel centres, index ``0 .. n-1`` along each axis (``align_corners=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_MODES = ("bilinear", "nearest", "bicubic")
+_PADDINGS = ("zeros", "border", "reflection")
+
+
+def check_displacement(displacement: torch.Tensor, name: str = "displacement") -> int:
+    """Validate a ``[B, ndims, *spatial]`` float field with ndims in {2, 3}; return ndims."""
+    if not isinstance(displacement, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(displacement).__name__}")
+    if not displacement.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor, got dtype {displacement.dtype} "
+            f"with shape {tuple(displacement.shape)}"
+        )
+    if displacement.ndim not in (4, 5):
+        raise ValueError(
+            f"{name} must have shape [B, ndims, *spatial] with 2 or 3 spatial dims, "
+            f"got shape {tuple(displacement.shape)}"
+        )
+    ndims = displacement.ndim - 2
+    if displacement.shape[1] != ndims:
+        raise ValueError(
+            f"{name} with {ndims} spatial dims must have {ndims} channels, "
+            f"got shape {tuple(displacement.shape)}"
+        )
+    return ndims
+
+
+def _check_same_field_shape(first: torch.Tensor, second: torch.Tensor) -> None:
+    if first.shape != second.shape:
+        raise ValueError(
+            f"displacement shapes differ: first {tuple(first.shape)} "
+            f"vs second {tuple(second.shape)}"
+        )
+
+
+def identity_grid(shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates of every position, ``[ndims, *shape]`` (channel i = index along axis i)."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def _sampling_grid(displacement: torch.Tensor) -> torch.Tensor:
+    """grid_sample grid ``[B, *spatial, ndims]`` (x-y-z order, normalised) for ``id + u``."""
+    spatial = displacement.shape[2:]
+    ndims = len(spatial)
+    scale = torch.tensor(
+        [2.0 / max(n - 1, 1) for n in spatial], device=displacement.device, dtype=displacement.dtype
+    ).view(1, ndims, *([1] * ndims))
+    # identity in normalised units: linspace(-1, 1, n) per axis, built by broadcasting (no meshgrid)
+    coords = []
+    for axis, n in enumerate(spatial):
+        line = torch.linspace(-1.0, 1.0, n, device=displacement.device, dtype=displacement.dtype)
+        view = [1] * ndims
+        view[axis] = n
+        coords.append(line.view(*view))
+    normalised = displacement * scale
+    grid = torch.stack(
+        [normalised[:, axis] + coords[axis] for axis in range(ndims)], dim=-1
+    )  # [B, *spatial, ndims] in tensor axis order
+    return grid.flip(-1)  # grid_sample wants (x, y[, z]) = reversed axis order
+
+
+def warp(
+    image: torch.Tensor,
+    displacement: torch.Tensor,
+    mode: str = "bilinear",
+    padding: str = "zeros",
+) -> torch.Tensor:
+    """Resample ``image`` at ``x + displacement(x)``.
+
+    Args:
+        image: ``[B, C, *spatial]``; float, or integer (labels; only with ``mode="nearest"``,
+            returned in the same dtype).
+        displacement: ``[B, ndims, *spatial]`` in voxels, same batch and spatial shape.
+        mode: ``"bilinear"`` (trilinear in 3D), ``"nearest"`` (labels), or ``"bicubic"`` (2D only).
+        padding: ``"zeros"`` (images), ``"border"`` (fields), or ``"reflection"``.
+
+    Returns:
+        ``[B, C, *spatial]`` warped image, dtype of ``image``.
+    """
+    ndims = check_displacement(displacement)
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if padding not in _PADDINGS:
+        raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r}")
+    if mode == "bicubic" and ndims != 2:
+        raise ValueError(
+            f"bicubic warping is 2D only; displacement shape {tuple(displacement.shape)}"
+        )
+    if not isinstance(image, torch.Tensor) or image.ndim != displacement.ndim:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(
+            f"image must be [B, C, *spatial] with {ndims} spatial dims to match displacement "
+            f"{tuple(displacement.shape)}, got {shape}"
+        )
+    if image.shape[0] != displacement.shape[0] or image.shape[2:] != displacement.shape[2:]:
+        raise ValueError(
+            f"image {tuple(image.shape)} and displacement {tuple(displacement.shape)} "
+            "must share batch size and spatial shape"
+        )
+    integer_input = not image.is_floating_point()
+    if integer_input and mode != "nearest":
+        raise ValueError(
+            f"integer image (dtype {image.dtype}) can only be warped with mode='nearest'"
+        )
+    source = (
+        image.to(displacement.dtype)
+        if integer_input or image.dtype != displacement.dtype
+        else image
+    )
+    grid = _sampling_grid(displacement)
+    # grid_sample calls trilinear interpolation "bilinear" on 5-D inputs too
+    warped = F.grid_sample(source, grid, mode=mode, padding_mode=padding, align_corners=True)
+    if integer_input:
+        return warped.round().to(image.dtype)
+    return warped.to(image.dtype)
+
+
+def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Displacement of applying ``first`` then ``second``: ``second + first o (id + second)``.
+
+    Both ``[B, ndims, *spatial]`` in voxels. ``first`` is resampled with border padding so the
+    field does not fall to zero outside the image.
+    """
+    check_displacement(first, "first")
+    check_displacement(second, "second")
+    _check_same_field_shape(first, second)
+    return second + warp(first, second, mode="bilinear", padding="border")

@@ -1,0 +1,22 @@
+"""Shared fixtures: the reference data beside the checkout, skipped cleanly when absent."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(
+    os.environ.get("DRDM_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "data" / "drdm_reference")
+)
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """`../shared/data/drdm_reference` (override with DRDM_REFERENCE_DIR); skips when absent."""
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"reference data not found at {REFERENCE_DIR}")
+    return REFERENCE_DIR
