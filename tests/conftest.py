@@ -20,3 +20,12 @@ def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():
         pytest.skip(f"reference data not found at {REFERENCE_DIR}")
     return REFERENCE_DIR
+
+
+try:  # property tests draw the same examples on every run, so CI cannot flake
+    from hypothesis import settings
+
+    settings.register_profile("drdm", derandomize=True, deadline=None)
+    settings.load_profile("drdm")
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    pass

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drdm.deform import compose, warp
 
@@ -77,3 +79,53 @@ def test_nearest_warp_keeps_label_set():
 def test_bad_input_raises_value_error_naming_shapes(image, displacement, match):
     with pytest.raises(ValueError, match=match):
         warp(image, displacement)
+
+
+# property-based versions of the conventions above, over random shapes, shifts and fields
+_shapes = st.one_of(
+    st.tuples(st.integers(4, 24), st.integers(4, 24)),
+    st.tuples(st.integers(4, 10), st.integers(4, 10), st.integers(4, 10)),
+)
+
+
+@settings(max_examples=8, deadline=None)
+@given(shape=_shapes, data=st.data())
+def test_integer_shift_matches_roll_for_any_shape_and_shift(shape, data):
+    ndims = len(shape)
+    shift = [data.draw(st.integers(-(n // 2), n // 2)) for n in shape]
+    image = torch.rand(2, 2, *shape, dtype=torch.float64)
+    displacement = torch.tensor(shift, dtype=torch.float64).view(1, ndims, *[1] * ndims)
+    warped = warp(image, displacement.expand(2, ndims, *shape).contiguous())
+    rolled = torch.roll(image, shifts=[-s for s in shift], dims=list(range(2, 2 + ndims)))
+    valid = tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, shape, strict=True))
+    torch.testing.assert_close(warped[(..., *valid)], rolled[(..., *valid)])
+    # outside the image, zeros padding reads zeros (up to rounding of the sampling positions)
+    if any(shift):
+        outside = torch.ones(shape, dtype=torch.bool)
+        outside[valid] = False
+        assert torch.all(warped[..., outside].abs() < 1e-9)
+
+
+@settings(max_examples=8, deadline=None)
+@given(shape=_shapes, seed=st.integers(0, 2**16), amplitude=st.floats(0.0, 4.0))
+def test_zero_field_identity_and_compose_with_zero(shape, seed, amplitude):
+    ndims = len(shape)
+    generator = torch.Generator().manual_seed(seed)
+    field = torch.randn(1, ndims, *shape, generator=generator, dtype=torch.float64) * amplitude
+    zero = torch.zeros_like(field)
+    image = torch.rand(1, 1, *shape, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(warp(image, zero), image)
+    torch.testing.assert_close(compose(field, zero), field)
+    torch.testing.assert_close(compose(zero, field), field)
+
+
+@settings(max_examples=8, deadline=None)
+@given(shape=_shapes, seed=st.integers(0, 2**16), labels=st.integers(2, 6))
+def test_nearest_warp_keeps_label_set_for_any_field(shape, seed, labels):
+    ndims = len(shape)
+    generator = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, labels, (1, 1, *shape), generator=generator)
+    field = torch.randn(1, ndims, *shape, generator=generator) * 3
+    warped = warp(label, field, mode="nearest", padding="border")
+    assert warped.dtype == label.dtype
+    assert set(warped.unique().tolist()) <= set(label.unique().tolist())

@@ -1,0 +1,338 @@
+"""Generation (method §5): diffuse part-way, recover fully, keep image, label and field.
+
+>>> drdm = DRDM.load("logs/drdm/runs/<time>/checkpoints/last.ckpt")   # or the authors' .pth
+>>> out = drdm.generate(image, label, num_samples=8, seed=0)
+>>> out.image, out.label, out.displacement, out.t0
+
+For every sample: a fresh random field ``u`` diffuses the image to ``t0``; the network then
+recovers step by step (``u <- compose(u, p_i)``, see :mod:`drdm.models.recovery`), always
+re-warping the **original**. The sample is ``warp(original, u)``; ``u`` is returned in voxels of
+the input grid, so ``warp(original, out.displacement) == out.image``.
+
+Inputs of another size than the model's are resized to the model size for the network only; the
+final field is resampled to the input grid (its voxel units rescaled) and the original is warped
+at full resolution, so outputs keep the input's geometry. A 2D model applied to a 3D volume works
+slice by slice along ``slice_axis`` (the field's through-plane component is zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from drdm.deform.spatial import warp
+from drdm.models.recovery import minmax_normalise, recover, start_steps
+
+_SEED_MIX = 1_000_003
+
+
+def mix_seed(*keys: int) -> int:
+    """Combine integers into one 63-bit seed (order matters)."""
+    value = 0
+    for key in keys:
+        value = (value * _SEED_MIX + int(key)) % (2**63 - 1)
+    return value
+
+
+def t0_schedule(num_samples: int, start: int, step: int = 2, every: int = 2) -> list[int]:
+    """``t0`` of sample ``k``: ``start + step * (k // every)`` (reference: 48, +2 every 2 in 2D).
+
+    The reference's loop raises ``t0`` after every even sample (48, 50, 50, 52, ...); ours raises
+    it after every ``every`` samples (48, 48, 50, 50, ...), the schedule its docs describe.
+    """
+    if every < 1:
+        raise ValueError(f"t0 schedule 'every' must be >= 1, got {every}")
+    return [int(start + step * (k // every)) for k in range(num_samples)]
+
+
+@dataclass
+class Generated:
+    """Generated samples, ``N = num_inputs * num_samples`` (input-major order).
+
+    image ``[N, 1, *S]`` (input dtype float), label ``[N, 1, *S]`` int64 or ``None``,
+    displacement ``[N, ndims_in, *S]`` voxels of the input grid (``warp(input, displacement)`` is
+    the sample), t0 ``[N]`` long, folding_ratio ``[N]`` (fraction of ``det J <= 0``; slice mode:
+    mean over slices), input_index / sample_index ``[N]`` long.
+    """
+
+    image: torch.Tensor
+    label: torch.Tensor | None
+    displacement: torch.Tensor
+    t0: torch.Tensor
+    folding_ratio: torch.Tensor
+    input_index: torch.Tensor
+    sample_index: torch.Tensor
+
+
+def resize_field(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample a voxel field ``[B, n, *M]`` onto ``shape`` and rescale its voxel units.
+
+    Corner voxels stay aligned (``align_corners=True`` everywhere in drdm), so one voxel of ``M``
+    along axis ``i`` is ``(S_i - 1) / (M_i - 1)`` voxels of ``S``.
+    """
+    source = tuple(displacement.shape[2:])
+    shape = tuple(int(n) for n in shape)
+    if source == shape:
+        return displacement
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    resized = F.interpolate(displacement, size=shape, mode=mode, align_corners=True)
+    scale = torch.tensor(
+        [(s - 1) / max(m - 1, 1) for s, m in zip(shape, source)],
+        device=displacement.device,
+        dtype=displacement.dtype,
+    )
+    return resized * scale.view(1, len(shape), *([1] * len(shape)))
+
+
+def resize_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``[B, C, *S]`` float image -> ``[B, C, *shape]`` (linear, corners aligned)."""
+    shape = tuple(int(n) for n in shape)
+    if tuple(image.shape[2:]) == shape:
+        return image
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return F.interpolate(image, size=shape, mode=mode, align_corners=True)
+
+
+class DRDM:
+    """A trained recovery network with its deformation schedule, ready to generate samples.
+
+    Args:
+        net: ``net(image [B,1,*M], t [B]) -> [B, ndims, *M]`` voxels.
+        deformation: ``RandomDeformation`` of the model (``deformation(M, t, generator)``).
+        image_size: ``M``, the model's input size.
+        interpolation: image resampling of the outputs (``bicubic`` 2D only, ``bilinear``).
+        t0_start, t0_step, t0_every: default ``t0`` schedule (see :func:`t0_schedule`);
+            ``None``: ``round(0.6 T)``, +2 (2D) / +1 (3D) every 2 samples as in the reference.
+        start_step: where the recovery chain starts: ``"T"`` (``T-1``, the reference), ``"t0"``
+            (``t0-1``) or an int.
+        batch_size: images per network call.
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        deformation: torch.nn.Module,
+        image_size: Sequence[int],
+        interpolation: str | None = None,
+        t0_start: int | None = None,
+        t0_step: int | None = None,
+        t0_every: int = 2,
+        start_step: str | int = "T",
+        batch_size: int = 32,
+    ) -> None:
+        self.net = net.eval()
+        self.deformation = deformation
+        self.image_size = tuple(int(n) for n in image_size)
+        self.ndims = len(self.image_size)
+        if self.ndims not in (2, 3):
+            raise ValueError(f"image_size must have 2 or 3 entries, got {self.image_size}")
+        self.timesteps = int(getattr(net, "timesteps", None) or deformation.timesteps)
+        self.interpolation = interpolation or ("bicubic" if self.ndims == 2 else "bilinear")
+        if self.interpolation == "bicubic" and self.ndims == 3:
+            raise ValueError("bicubic interpolation is 2D only; use bilinear for a 3D model")
+        self.t0_start = round(0.6 * self.timesteps) if t0_start is None else int(t0_start)
+        self.t0_step = (2 if self.ndims == 2 else 1) if t0_step is None else int(t0_step)
+        self.t0_every = int(t0_every)
+        self.start_step = start_step
+        self.batch_size = int(batch_size)
+        self.device = torch.device("cpu")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, path: str | Path, map_location: str = "cpu", use_ema: bool = True, **options):
+        """Load a Lightning ``.ckpt`` (DRDMModule) or the authors' ``.pth`` (2D, 256 x 256).
+
+        ``options`` are :class:`DRDM` arguments (``interpolation``, ``t0_start``, ...).
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: a ``.ckpt`` without DRDMModule hyper-parameters, or an unknown suffix.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"DRDM checkpoint not found: {path}")
+        if path.suffix == ".ckpt":
+            from drdm.models.drdm_module import DRDMModule
+
+            module = DRDMModule.load_from_checkpoint(str(path), map_location=map_location)
+            net = module.inference_net if use_ema else module.net
+            return cls(net, module.deformation, module.hparams.image_size, **options)
+        if path.suffix in (".pth", ".pt"):
+            from drdm.deform import RandomDeformation
+            from drdm.nets import load_reference_checkpoint
+
+            net = load_reference_checkpoint(path, map_location=map_location)
+            # the authors' schedule and unit convention at their 256 x 256 training size
+            deformation = RandomDeformation(
+                ndims=net.ndims, timesteps=net.timesteps, integrator="reference"
+            )
+            return cls(net, deformation, (256,) * net.ndims, **options)
+        raise ValueError(f"{path}: expected a Lightning .ckpt or the authors' .pth state_dict")
+
+    def to(self, device: str | torch.device) -> DRDM:
+        """Move the network (and future fields) to ``device``; returns ``self``."""
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        self.deformation.to(self.device)
+        return self
+
+    def t0_for(self, num_samples: int) -> list[int]:
+        """The default ``t0`` of samples ``0 .. num_samples-1``, clamped to ``T - 1``."""
+        values = t0_schedule(num_samples, self.t0_start, self.t0_step, self.t0_every)
+        return [min(t, self.timesteps - 1) for t in values]
+
+    # ------------------------------------------------------------------ generation
+    def _t0_list(self, t0, sample_indices: Sequence[int]) -> list[int]:
+        if t0 is None:
+            schedule = self.t0_for(max(sample_indices) + 1)
+            return [schedule[k] for k in sample_indices]
+        if isinstance(t0, int | float) or (isinstance(t0, torch.Tensor) and t0.ndim == 0):
+            values = [int(t0)] * len(sample_indices)
+        else:
+            values = [int(t) for t in t0]
+            if len(values) != len(sample_indices):
+                raise ValueError(
+                    f"t0 has {len(values)} values for {len(sample_indices)} samples per input"
+                )
+        for t in values:
+            if not 0 <= t < self.timesteps:
+                raise ValueError(f"t0 must lie in 0 .. {self.timesteps - 1}, got {t}")
+        return values
+
+    def _layout(self, image: torch.Tensor, slice_axis: int) -> tuple[torch.Tensor, bool]:
+        """Input -> ``[B, 1, *S]`` (``B`` images or slices) and whether it is slice mode."""
+        if image.ndim == self.ndims:
+            return image[None, None], False
+        if image.ndim == self.ndims + 2 and image.shape[1] == 1:
+            return image, False
+        if self.ndims == 2 and image.ndim == 3:
+            axis = slice_axis % 3
+            return image.movedim(axis, 0)[:, None], True
+        raise ValueError(
+            f"image must be [*S] ({self.ndims} dims), [B, 1, *S], or a 3D volume for a 2D model; "
+            f"got shape {tuple(image.shape)}"
+        )
+
+    @staticmethod
+    def _unlayout(batch: torch.Tensor, slice_axis: int) -> torch.Tensor:
+        """Slice mode ``[Z, C, X, Y]`` -> ``[C, *volume]`` with slices back along ``slice_axis``."""
+        return batch.movedim(0, 1).movedim(1, 1 + slice_axis % 3)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image,
+        label=None,
+        num_samples: int = 1,
+        t0=None,
+        seed: int = 0,
+        sample_indices: Sequence[int] | None = None,
+        slice_axis: int = -1,
+    ) -> Generated:
+        """Generate ``num_samples`` deformed instances of each input image.
+
+        Args:
+            image: ``[*S]`` (one image), ``[B, 1, *S]`` (a batch), or for a 2D model a 3D volume
+                ``[X, Y, Z]`` processed slice by slice along ``slice_axis``. Tensor or array.
+            label: same layout as ``image`` (integer), warped with nearest neighbour; optional.
+            num_samples: samples per input (``k = 0 .. num_samples-1``).
+            t0: diffusion step: an int for all, one per sample, or ``None`` for the schedule.
+            seed: sample ``k`` of input ``b`` draws its field from ``mix_seed(seed, b, k)``, so a
+                sample does not depend on which others are generated with it.
+            sample_indices: generate only these ``k`` (resuming); default ``range(num_samples)``.
+            slice_axis: the through-plane axis of a volume given to a 2D model.
+
+        Returns:
+            :class:`Generated`; in slice mode ``[N, 1, X, Y, Z]`` volumes with 3-component fields.
+        """
+        image = torch.as_tensor(image)
+        indices = list(range(num_samples)) if sample_indices is None else list(sample_indices)
+        if not indices:
+            raise ValueError("nothing to generate: num_samples / sample_indices is empty")
+        t0_values = self._t0_list(t0, indices)
+        batch, slice_mode = self._layout(image, slice_axis)
+        label_batch = None
+        if label is not None:
+            label = torch.as_tensor(label)
+            if label.shape != image.shape:
+                raise ValueError(
+                    f"label {tuple(label.shape)} must have the image's shape {tuple(image.shape)}"
+                )
+            label_batch = self._layout(label, slice_axis)[0].long()
+        batch = batch.to(self.device, torch.float32)
+        inputs = 1 if slice_mode else batch.shape[0]
+        per_input = batch.shape[0] // inputs  # slices per sample (1 unless slice mode)
+
+        # one generator per (input, k): fields independent of the batching
+        model_images = minmax_normalise(resize_image(batch, self.image_size))
+        diffused, t0_rows, first_rows, order = [], [], [], []
+        for b in range(inputs):
+            for k, t0_k in zip(indices, t0_values):
+                generator = torch.Generator(device=self.device).manual_seed(mix_seed(seed, b, k))
+                t = torch.full((per_input,), t0_k, device=self.device, dtype=torch.long)
+                diffused.append(self.deformation(self.image_size, t, generator=generator)[0])
+                t0_rows.append(t)
+                first_rows.append(start_steps(t, self.timesteps, self.start_step))
+                order.append((b, k, t0_k))
+        diffused = torch.cat(diffused)
+        first = torch.cat(first_rows)
+        sources = (
+            model_images.repeat(len(indices), *([1] * (batch.ndim - 1)))
+            if slice_mode
+            else model_images.repeat_interleave(len(indices), dim=0)
+        )
+        fields = []
+        for start in range(0, diffused.shape[0], self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            fields.append(recover(self.net, sources[chunk], diffused[chunk], first[chunk]))
+        return self._assemble(
+            batch, label_batch, torch.cat(fields), order, per_input, slice_mode, slice_axis
+        )
+
+    def _assemble(self, batch, label_batch, fields, order, per_input, slice_mode, slice_axis):
+        """Native-grid fields, warped images / labels and statistics for every sample."""
+        from drdm.deform import folding_ratio
+
+        native = tuple(batch.shape[2:])
+        images, labels, displacements, foldings = [], [], [], []
+        for row, (b, _, _) in enumerate(order):
+            rows = slice(row * per_input, (row + 1) * per_input)
+            field = resize_field(fields[rows], native)
+            source = batch if slice_mode else batch[b : b + 1]
+            warped = warp(source, field, mode=self.interpolation)
+            foldings.append(folding_ratio(field).mean())
+            warped_label = None
+            if label_batch is not None:
+                source_label = label_batch if slice_mode else label_batch[b : b + 1]
+                warped_label = warp(source_label, field, mode="nearest")
+            if slice_mode:
+                # through-plane component zero; channels follow the volume's axes
+                zeros = torch.zeros_like(field[:, :1])
+                field = torch.cat([field, zeros], dim=1)
+                in_plane = [a for a in range(3) if a != slice_axis % 3]
+                volume_field = torch.empty_like(field)
+                volume_field[:, in_plane[0]] = field[:, 0]
+                volume_field[:, in_plane[1]] = field[:, 1]
+                volume_field[:, slice_axis % 3] = 0.0
+                field = self._unlayout(volume_field, slice_axis)[None]
+                warped = self._unlayout(warped, slice_axis)[None]
+                if warped_label is not None:
+                    warped_label = self._unlayout(warped_label, slice_axis)[None]
+            images.append(warped)
+            displacements.append(field)
+            if warped_label is not None:
+                labels.append(warped_label)
+        device = fields.device
+        return Generated(
+            image=torch.cat(images),
+            label=torch.cat(labels) if labels else None,
+            displacement=torch.cat(displacements),
+            t0=torch.tensor([t for _, _, t in order], device=device),
+            folding_ratio=torch.stack(foldings),
+            input_index=torch.tensor([b for b, _, _ in order], device=device),
+            sample_index=torch.tensor([k for _, k, _ in order], device=device),
+        )

@@ -1,0 +1,142 @@
+"""DRDM training objective (method §4), pure torch.
+
+All fields are ``[B, ndims, *spatial]`` displacements in **voxels**. The losses convert them to
+grid_sample-normalised units (``2 / (n - 1)`` per voxel along each axis, i.e. the authors' units)
+before computing anything with an absolute scale (``eps``, the regulariser's dead zone), so the
+reference weights and thresholds keep their meaning at every image size.
+
+With ``d`` the recovery target and ``p`` the prediction, the training step computes
+``q = warp(p, d, padding="border")`` (``p`` resampled at the target's end points); the network
+should undo the target, ``q ~ -d``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from drdm.deform.spatial import check_displacement
+
+
+def to_normalised(displacement: torch.Tensor) -> torch.Tensor:
+    """Voxels -> grid_sample units: channel ``i`` times ``2 / (n_i - 1)``; same shape."""
+    ndims = check_displacement(displacement)
+    spatial = displacement.shape[2:]
+    scale = torch.tensor(
+        [2.0 / max(n - 1, 1) for n in spatial], device=displacement.device, dtype=displacement.dtype
+    )
+    return displacement * scale.view(1, ndims, *([1] * ndims))
+
+
+def _check_pair(prediction: torch.Tensor, target: torch.Tensor) -> None:
+    check_displacement(prediction, "prediction")
+    check_displacement(target, "target")
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} must match"
+        )
+
+
+def relative_squared_error(
+    recovered: torch.Tensor, target: torch.Tensor, eps: float = 1e-7
+) -> torch.Tensor:
+    """``mean_x |q + d|^2 / (|d|^2 + eps)``: scalar; 0 when ``q == -d`` exactly.
+
+    Args:
+        recovered: ``q``, the prediction resampled at the target's end points, voxels.
+        target: ``d``, the recovery-target field, voxels.
+        eps: added to ``|d|^2`` in normalised units squared (keeps ``t = 0`` finite).
+    """
+    _check_pair(recovered, target)
+    q, d = to_normalised(recovered), to_normalised(target)
+    return ((q + d).square().sum(1) / (d.square().sum(1) + eps)).mean()
+
+
+def direction_similarity(
+    recovered: torch.Tensor, target: torch.Tensor, eps: float = 1e-20
+) -> torch.Tensor:
+    """Mean cosine similarity between ``q`` and ``d`` over voxels: scalar in ``[-1, 1]``.
+
+    Minimising it pushes ``q`` anti-parallel to ``d``. ``eps`` (normalised units to the fourth)
+    keeps voxels where either field vanishes at 0 instead of NaN.
+    """
+    _check_pair(recovered, target)
+    q, d = to_normalised(recovered), to_normalised(target)
+    dot = (q * d).sum(1)
+    norms = torch.sqrt(q.square().sum(1) * d.square().sum(1) + eps)
+    return (dot / norms).mean()
+
+
+def smoothness_l1(displacement: torch.Tensor, dead_zone: float = 1e-4) -> torch.Tensor:
+    """Mean L1 of forward finite differences above a dead zone, averaged over axes: scalar.
+
+    Differences are taken in normalised units (the dead zone is in those units), so tiny
+    ripples below ``dead_zone`` cost nothing.
+    """
+    ndims = check_displacement(displacement)
+    field = to_normalised(displacement)
+    terms = []
+    for axis in range(2, 2 + ndims):
+        difference = torch.diff(field, dim=axis)
+        terms.append(F.relu(difference.abs() - dead_zone).mean())
+    return torch.stack(terms).mean()
+
+
+def negative_jacobian_penalty(displacement: torch.Tensor) -> torch.Tensor:
+    """``mean(relu(-det J))`` with ``J = I + grad(u)`` (the true determinant): scalar >= 0."""
+    # imported here so that `drdm.losses` can be imported before the metrics module exists
+    from drdm.deform import jacobian_determinant
+
+    return F.relu(-jacobian_determinant(displacement)).mean()
+
+
+def regularisation(
+    displacement: torch.Tensor, dead_zone: float = 1e-4, folding_weight: float = 2.0
+) -> torch.Tensor:
+    """Regulariser on the prediction ``p``: ``smoothness_l1 + folding_weight * relu(-det J)``."""
+    return smoothness_l1(displacement, dead_zone) + folding_weight * negative_jacobian_penalty(
+        displacement
+    )
+
+
+@dataclass
+class DRDMLoss:
+    """Weighted sum of the §4 terms; every number is a constructor argument (Hydra config).
+
+    Call with ``prediction`` ``p``, ``recovered`` ``q = p o (id + d)`` and ``target`` ``d``
+    (all ``[B, ndims, *spatial]`` voxels); returns a dict of scalar tensors with the weighted
+    ``"loss"`` and each unweighted term (``"rse"``, ``"direction"``, ``"smoothness"``,
+    ``"folding"``) for logging.
+    """
+
+    rse_weight: float = 1.0
+    direction_weight: float = 1.0
+    regularisation_weight: float = 10.0
+    folding_weight: float = 2.0
+    dead_zone: float = 1e-4
+    rse_eps: float = 1e-7
+    direction_eps: float = 1e-20
+
+    def __call__(
+        self, prediction: torch.Tensor, recovered: torch.Tensor, target: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        _check_pair(prediction, target)
+        rse = relative_squared_error(recovered, target, self.rse_eps)
+        direction = direction_similarity(recovered, target, self.direction_eps)
+        smoothness = smoothness_l1(prediction, self.dead_zone)
+        folding = negative_jacobian_penalty(prediction)
+        regulariser = smoothness + self.folding_weight * folding
+        loss = (
+            self.rse_weight * rse
+            + self.direction_weight * direction
+            + self.regularisation_weight * regulariser
+        )
+        return {
+            "loss": loss,
+            "rse": rse,
+            "direction": direction,
+            "smoothness": smoothness,
+            "folding": folding,
+        }

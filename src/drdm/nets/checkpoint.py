@@ -1,0 +1,94 @@
+"""Load the authors' RecResACNet weights (a plain ``state_dict`` ``.pth``) strictly.
+
+The architecture hyper-parameters (``ndims``, ``in_channels``, ``timesteps``, ``time_dim``,
+``channels``) are read from the tensor shapes, so the 2D cardiac checkpoint and a 3D one with the
+same layout both load without configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from drdm.nets.recresacnet import RecResACNet
+
+# tensors whose shapes determine the constructor arguments
+_SHAPE_KEYS = ("time_embed.weight", "b1.0.conv0.weight", "b2.0.conv0.weight", "b3.0.conv0.weight")
+
+
+def _read_state_dict(path: str | os.PathLike, map_location) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"RecResACNet checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt / non-torch files
+        raise ValueError(f"cannot read {path} as a torch state_dict: {error}") from error
+    if not isinstance(state, Mapping) or not all(
+        isinstance(value, torch.Tensor) for value in state.values()
+    ):
+        raise ValueError(
+            f"{path} is not a plain state_dict (a mapping of parameter names to tensors); "
+            f"got {type(state).__name__}"
+            + (f" with keys {sorted(state)[:8]}" if isinstance(state, Mapping) else "")
+        )
+    return dict(state)
+
+
+def _architecture(path, state: Mapping[str, torch.Tensor]) -> dict:
+    """Constructor arguments of :class:`RecResACNet` implied by the tensor shapes."""
+    missing = [key for key in _SHAPE_KEYS if key not in state]
+    if missing:
+        raise ValueError(
+            f"{path} does not look like a RecResACNet state_dict: missing {missing} "
+            f"(it has {len(state)} tensors, e.g. {sorted(state)[:5]})"
+        )
+    conv = state["b1.0.conv0.weight"]
+    timesteps, time_dim = state["time_embed.weight"].shape
+    return {
+        "ndims": conv.ndim - 2,
+        "in_channels": int(conv.shape[1]),
+        "timesteps": int(timesteps),
+        "time_dim": int(time_dim),
+        "channels": tuple(int(state[key].shape[0]) for key in _SHAPE_KEYS[1:]),
+    }
+
+
+def load_reference_checkpoint(
+    path: str | os.PathLike, map_location="cpu", recursions: int = 2
+) -> RecResACNet:
+    """Build a :class:`RecResACNet` matching the checkpoint at ``path`` and load it strictly.
+
+    Args:
+        path: ``.pth`` file holding a plain ``state_dict`` (e.g. the authors'
+            ``cmr_recresacnet_reference.pth``: 2D, 1 channel, T = 80).
+        map_location: passed to ``torch.load``.
+        recursions: refinement passes of the returned network.
+
+    Returns:
+        The network in eval mode, ``net(image [B,C,*S], t [B]) -> displacement`` in voxels.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a state_dict, or its keys / shapes do not match the layout (the message
+            names the file and the missing, unexpected or mis-shaped keys).
+    """
+    state = _read_state_dict(path, map_location)
+    net = RecResACNet(**_architecture(path, state), recursions=recursions)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = sorted(
+        f"{key} {tuple(state[key].shape)} != {tuple(expected[key].shape)}"
+        for key in set(expected) & set(state)
+        if state[key].shape != expected[key].shape
+    )
+    if missing or unexpected or mis_shaped:
+        raise ValueError(
+            f"{path} does not match the RecResACNet layout: missing keys {missing}, "
+            f"unexpected keys {unexpected}, mis-shaped {mis_shaped}"
+        )
+    net.load_state_dict(state, strict=True)
+    # load_state_dict copies values but keeps requires_grad: the step table stays frozen
+    return net.eval()

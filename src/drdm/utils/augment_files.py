@@ -1,0 +1,271 @@
+"""The body of ``src/augment.py``: DRDM samples of NIfTI files, with labels, fields and a manifest.
+
+For each input ``X.nii.gz`` (a file, or every NIfTI in a folder except labels) and
+``k = 0 .. num_samples-1`` it writes, all with the input's affine and atomically:
+
+* ``image/X_k.nii.gz`` -- the sample (the input warped by the field),
+* ``label/X_k.nii.gz`` -- the label warped with nearest neighbour (when ``X_gt.nii.gz`` or
+  ``labels/X.nii.gz`` exists beside the input),
+* ``field/X_k.nii.gz`` -- the displacement mapping the input to the sample, ITK layout
+  (:mod:`drdm.fields`),
+* one row in ``manifest.csv`` (input, k, t0, seeds, folding ratio, max / mean displacement in mm).
+
+A sample is finished when its files exist and its manifest row is written; a re-run generates
+only the unfinished ones, and since every sample draws its field from its own seed, the files
+are the same as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from drdm.data.io import check_same_geometry, load_nifti, nifti_files, nifti_stem, save_nifti
+from drdm.deform import displacement_to_world
+from drdm.fields import write_displacement_field
+from drdm.generate import DRDM, mix_seed
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = (
+    "input",
+    "k",
+    "t0",
+    "seed",
+    "sample_seed",
+    "folding_ratio",
+    "max_displacement_mm",
+    "mean_displacement_mm",
+    "image",
+    "label",
+    "field",
+)
+LABEL_SUFFIX = "_gt"
+
+
+@dataclass
+class InputCase:
+    """One input image and its optional label."""
+
+    image: Path
+    label: Path | None
+
+    @property
+    def stem(self) -> str:
+        return nifti_stem(self.image)
+
+
+def find_label(image: Path) -> Path | None:
+    """``X_gt.nii[.gz]`` beside ``X`` or ``labels/X.nii[.gz]``; ``None`` when there is none."""
+    stem = nifti_stem(image)
+    for folder, name in ((image.parent, stem + LABEL_SUFFIX), (image.parent / "labels", stem)):
+        for suffix in (".nii.gz", ".nii"):
+            candidate = folder / (name + suffix)
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def find_inputs(path: str | Path) -> list[InputCase]:
+    """A NIfTI file, or the NIfTI files of a folder (labels ``*_gt`` excluded), with labels.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or the folder holds no NIfTI image.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        images = [path]
+    elif path.is_dir():
+        images = [p for p in nifti_files(path) if not nifti_stem(p).endswith(LABEL_SUFFIX)]
+        if not images:
+            raise FileNotFoundError(f"no NIfTI images (*.nii.gz, *.nii) in input folder {path}")
+    else:
+        raise FileNotFoundError(f"input does not exist: {path}")
+    cases = []
+    for image in images:
+        label = find_label(image)
+        if label is not None:
+            check_same_geometry(image, label)
+        cases.append(InputCase(image, label))
+    return cases
+
+
+def _write_manifest(path: Path, rows: dict[tuple[str, int], dict]) -> None:
+    """Rewrite ``manifest.csv`` atomically, rows sorted by (input, k)."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".csv", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=MANIFEST_COLUMNS)
+            writer.writeheader()
+            for key in sorted(rows):
+                writer.writerow(rows[key])
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(path: Path) -> dict[tuple[str, int], dict]:
+    """Rows of an existing ``manifest.csv`` keyed by (input stem, k); empty if absent."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as stream:
+        return {(row["input"], int(row["k"])): row for row in csv.DictReader(stream)}
+
+
+def _remove_stale_temporaries(folders: Sequence[Path]) -> None:
+    """Temporary files of an interrupted run (``.<name>.*``) would otherwise stay behind."""
+    for folder in folders:
+        if folder.is_dir():
+            for stale in folder.glob(".*"):
+                if stale.is_file():
+                    stale.unlink()
+
+
+def _outputs(output_dir: Path, stem: str, k: int, labelled: bool) -> dict[str, Path | None]:
+    name = f"{stem}_{k}.nii.gz"
+    return {
+        "image": output_dir / "image" / name,
+        "label": output_dir / "label" / name if labelled else None,
+        "field": output_dir / "field" / name,
+    }
+
+
+def _finished(paths: dict[str, Path | None], row: dict | None) -> bool:
+    return row is not None and all(p is None or p.is_file() for p in paths.values())
+
+
+def _array_mode(array: np.ndarray, drdm: DRDM, path: Path) -> np.ndarray:
+    """Squeeze a trailing singleton 4th axis and check the dimensionality against the model."""
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (drdm.ndims == 3 and array.ndim != 3):
+        raise ValueError(
+            f"{path}: a {drdm.ndims}D model needs a "
+            f"{'3D volume' if drdm.ndims == 3 else '2D image or 3D volume'}, "
+            f"got shape {list(array.shape)}"
+        )
+    return array
+
+
+def augment_case(
+    drdm: DRDM,
+    case: InputCase,
+    output_dir: Path,
+    manifest: dict[tuple[str, int], dict],
+    num_samples: int,
+    seed: int,
+    t0=None,
+    slice_axis: int = 2,
+) -> int:
+    """Generate the unfinished samples of one input; returns how many were generated."""
+    stem = case.stem
+    labelled = case.label is not None
+    pending = [
+        k
+        for k in range(num_samples)
+        if not _finished(_outputs(output_dir, stem, k, labelled), manifest.get((stem, k)))
+    ]
+    if not pending:
+        log.info("%s: all %d samples already done", stem, num_samples)
+        return 0
+    image, affine = load_nifti(case.image, dtype=np.float32)
+    image = _array_mode(image, drdm, case.image)
+    label = None
+    label_dtype = None
+    if labelled:
+        label_array, _ = load_nifti(case.label, dtype=np.float32)
+        label = np.rint(_array_mode(label_array, drdm, case.label)).astype(np.int64)
+        label_dtype = nib.load(str(case.label)).get_data_dtype()  # written back the same way
+    # one seed per input name: results do not depend on the other inputs or their order
+    input_seed = mix_seed(seed, zlib.crc32(stem.encode()))
+    t0_values = None
+    if t0 is not None:
+        if np.isscalar(t0):
+            t0_values = [int(t0)] * len(pending)
+        elif len(t0) != num_samples:
+            raise ValueError(f"t0 has {len(t0)} values but num_samples is {num_samples}")
+        else:
+            t0_values = [int(t0[k]) for k in pending]
+    result = drdm.generate(
+        torch.from_numpy(image),
+        None if label is None else torch.from_numpy(label),
+        num_samples=num_samples,
+        t0=t0_values,
+        seed=input_seed,
+        sample_indices=pending,
+        slice_axis=slice_axis,
+    )
+    for row, k in enumerate(pending):
+        paths = _outputs(output_dir, stem, k, labelled)
+        field = result.displacement[row].cpu().double()  # [n, *S] voxels along the array axes
+        save_nifti(paths["image"], result.image[row, 0].cpu().numpy().astype(np.float32), affine)
+        if labelled:
+            warped_label = result.label[row, 0].cpu().numpy()
+            save_nifti(paths["label"], warped_label.astype(label_dtype), affine)
+        write_displacement_field(paths["field"], field.numpy(), affine)
+        world = displacement_to_world(field[None], torch.as_tensor(affine))[0]
+        length = world.square().sum(0).sqrt()
+        manifest[(stem, k)] = {
+            "input": stem,
+            "k": k,
+            "t0": int(result.t0[row]),
+            "seed": seed,
+            "sample_seed": mix_seed(input_seed, 0, k),
+            "folding_ratio": f"{float(result.folding_ratio[row]):.6g}",
+            "max_displacement_mm": f"{float(length.max()):.6g}",
+            "mean_displacement_mm": f"{float(length.mean()):.6g}",
+            "image": str(paths["image"].relative_to(output_dir)),
+            "label": str(paths["label"].relative_to(output_dir)) if labelled else "",
+            "field": str(paths["field"].relative_to(output_dir)),
+        }
+        # the row is what marks the sample finished: written only after its files
+        _write_manifest(output_dir / "manifest.csv", manifest)
+    return len(pending)
+
+
+def augment(
+    ckpt_path: str | Path,
+    input: str | Path,
+    output_dir: str | Path,
+    num_samples: int = 8,
+    seed: int = 0,
+    t0=None,
+    slice_axis: int = 2,
+    device: str = "auto",
+    use_ema: bool = True,
+    drdm_options: dict | None = None,
+) -> dict[str, int]:
+    """Generate samples for every input; returns ``{"inputs": n, "generated": m, "skipped": s}``."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    cases = find_inputs(input)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    drdm = DRDM.load(ckpt_path, use_ema=use_ema, **(drdm_options or {})).to(device)
+    output_dir = Path(output_dir).expanduser()
+    folders = [output_dir / name for name in ("image", "label", "field")]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries([output_dir, *folders])
+    manifest = read_manifest(output_dir / "manifest.csv")
+    generated = 0
+    for case in cases:
+        generated += augment_case(
+            drdm, case, output_dir, manifest, num_samples, seed, t0, slice_axis
+        )
+    total = len(cases) * num_samples
+    log.info(
+        "%d inputs: %d samples generated, %d already done", len(cases), generated, total - generated
+    )
+    return {"inputs": len(cases), "generated": generated, "skipped": total - generated}

@@ -1,0 +1,92 @@
+"""Matplotlib (Agg) figures: original / diffused / recovered images, deformed grid, det J map."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def central_slice(volume: torch.Tensor) -> torch.Tensor:
+    """``[C, *S]`` with 2 or 3 spatial dims -> ``[C, H, W]`` (3D: middle of the last axis)."""
+    if volume.ndim == 3:
+        return volume
+    if volume.ndim == 4:
+        return volume[..., volume.shape[-1] // 2]
+    raise ValueError(f"expected [C, H, W] or [C, X, Y, Z], got shape {tuple(volume.shape)}")
+
+
+def plot_deformed_grid(ax, displacement: np.ndarray, spacing: int = 4) -> None:
+    """Draw the lines of ``id + u`` for a ``[2, H, W]`` voxel displacement on ``ax``."""
+    height, width = displacement.shape[1:]
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    row_pos = rows + displacement[0]
+    col_pos = cols + displacement[1]
+    for r in range(0, height, spacing):
+        ax.plot(col_pos[r, :], row_pos[r, :], color="tab:blue", linewidth=0.6)
+    for c in range(0, width, spacing):
+        ax.plot(col_pos[:, c], row_pos[:, c], color="tab:blue", linewidth=0.6)
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    ax.set_aspect("equal")
+
+
+def recovery_figure(
+    original: torch.Tensor,
+    diffused: torch.Tensor,
+    recovered: torch.Tensor,
+    displacement: torch.Tensor,
+    det_jacobian: torch.Tensor,
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Save a 5-panel PNG atomically and return its path.
+
+    Args:
+        original, diffused, recovered: images ``[1, *S]`` (2D or 3D; 3D shows the central slice).
+        displacement: ``[ndims, *S]`` voxels (only the first two in-plane components are drawn).
+        det_jacobian: ``[*S]`` determinant of ``I + grad(displacement)``.
+        path: output ``.png``.
+    """
+    images = [central_slice(x.detach().float().cpu())[0].numpy() for x in (original, diffused)]
+    images.append(central_slice(recovered.detach().float().cpu())[0].numpy())
+    field = central_slice(displacement.detach().float().cpu())[:2].numpy()
+    det = central_slice(det_jacobian.detach().float().cpu()[None])[0].numpy()
+
+    fig, axes = plt.subplots(1, 5, figsize=(16, 3.6))
+    for ax, image, name in zip(axes[:3], images, ("original", "diffused", "recovered")):
+        ax.imshow(image, cmap="gray")
+        ax.set_title(name)
+    spacing = max(1, field.shape[-1] // 24)
+    plot_deformed_grid(axes[3], field, spacing)
+    axes[3].set_title("deformation grid")
+    folding = float((det <= 0).mean()) * 100.0
+    shown = axes[4].imshow(det, cmap="RdBu", vmin=0.0, vmax=2.0)
+    axes[4].set_title(f"det J (folding {folding:.2f}%)")
+    fig.colorbar(shown, ax=axes[4], fraction=0.046)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(handle)
+    try:
+        fig.savefig(temporary, dpi=100)
+        os.replace(temporary, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
