@@ -25,8 +25,16 @@ format:
 	$(PY) -m ruff check --fix src tests experiments
 	$(PY) -m ruff format src tests experiments
 
+# Benchmarks (not tests): each writes experiments/benchmarks/results/<name>.md. The defaults
+# suit a CPU (smaller 3D training size, no torch.compile rows); on a GPU machine run
+# `make bench BENCH_TRAINING_ARGS= BENCH_THREADS=8` (sizes, bf16 and compile default on for CUDA).
+BENCH_THREADS ?= 1
+BENCH_TRAINING_ARGS ?= --no-compile
+BENCH_GENERATION_ARGS ?=
 bench:
-	$(PY) experiments/benchmarks/deformation.py
+	OMP_NUM_THREADS=$(BENCH_THREADS) $(PY) experiments/benchmarks/deformation.py --threads $(BENCH_THREADS)
+	OMP_NUM_THREADS=$(BENCH_THREADS) $(PY) experiments/benchmarks/training.py --threads $(BENCH_THREADS) $(BENCH_TRAINING_ARGS)
+	OMP_NUM_THREADS=$(BENCH_THREADS) $(PY) experiments/benchmarks/generation.py --threads $(BENCH_THREADS) $(BENCH_GENERATION_ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info outputs multirun

@@ -11,17 +11,16 @@ writes, under ``output_dir``:
   :mod:`drdm.fields`), readable by ``sitk.DisplacementFieldTransform``,
 
 all with the affine of the pair as fed to the model (``batch["affine"]``); plus ``metrics.csv``
-(one row per pair: Dice, HD95, ASD, TRE, field error, folding ratio, SD log-Jacobian; units in
+(one row per pair: Dice, HD95, ASD, TRE, field error (whole grid and inside the labels), folding
+ratio, SD log-Jacobian; units in
 ``drdm.metrics.registration``) and ``summary.csv`` (mean and std per metric).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,12 +30,18 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from drdm.data.io import save_nifti
-from drdm.deform import warp
-from drdm.fields import write_displacement_field
-from drdm.metrics.registration import pair_metrics
-from drdm.models.registration import RegistrationModule
-from drdm.utils.instantiate import build
+# outputs go to <checkout>/logs wherever the script is started from (conf/paths/default.yaml)
+os.environ.setdefault("DRDM_ROOT", str(Path(__file__).resolve().parents[1]))
+
+# registers the resolvers of conf/hardware (composed by conf/eval.yaml like conf/train.yaml)
+import drdm.utils.training  # noqa: E402, F401
+from drdm.data.io import save_nifti  # noqa: E402
+from drdm.deform import warp  # noqa: E402
+from drdm.fields import write_displacement_field  # noqa: E402
+from drdm.metrics.registration import pair_metrics  # noqa: E402
+from drdm.models.registration import RegistrationModule  # noqa: E402
+from drdm.utils.atomic import write_csv_atomic  # noqa: E402
+from drdm.utils.instantiate import build  # noqa: E402
 
 METRIC_ORDER = (
     "dice",
@@ -44,6 +49,7 @@ METRIC_ORDER = (
     "asd",
     "tre",
     "field_error",
+    "field_error_foreground",
     "folding_ratio",
     "sd_log_jacobian",
 )
@@ -100,18 +106,7 @@ def write_pair_outputs(
 
 def write_csv(path: Path, rows: Sequence[Mapping], columns: Sequence[str]) -> Path:
     """Write ``rows`` atomically (temporary file in the same folder + ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".csv", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_csv_atomic(path, rows, columns)
 
 
 def summarise(rows: Sequence[Mapping], metrics: Sequence[str]) -> list[dict]:
@@ -128,6 +123,8 @@ def summarise(rows: Sequence[Mapping], metrics: Sequence[str]) -> list[dict]:
 
 def evaluate(cfg: DictConfig) -> Path:
     """Run the evaluation described by ``cfg`` (see ``conf/eval.yaml``); return ``metrics.csv``."""
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     L.seed_everything(cfg.seed, workers=True)
     device = torch.device(cfg.device if cfg.device != "auto" else _default_device())
     model = load_registration(cfg.checkpoint, device)

@@ -1,7 +1,9 @@
 """Train a DRDM: ``python src/train.py [experiment=acdc_drdm] [group=option] [key=value ...]``.
 
 With no overrides it trains on the embedded default data on CPU for a few minutes and writes
-checkpoints, logs and validation figures under ``logs/drdm/runs/<time>/``.
+checkpoints, logs and validation figures under ``logs/drdm/runs/<time>/``. ``hardware=ddp``,
+``hydra/launcher=slurm`` and ``hparams_search=drdm_optuna`` scale it out (conf/hardware,
+conf/hydra/launcher, conf/hparams_search).
 """
 
 import os
@@ -13,14 +15,14 @@ from omegaconf import DictConfig
 # outputs go to <checkout>/logs wherever the script is started from (conf/paths/default.yaml)
 os.environ.setdefault("DRDM_ROOT", str(Path(__file__).resolve().parents[1]))
 
+# registers the resolvers conf/hardware uses before Hydra composes the config
+from drdm.utils.training import optimized_metric, train  # noqa: E402
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Fit; return the optimised metric (``val/loss``) for hyper-parameter sweeps."""
-    from drdm.utils.training import train
-
-    result = train(cfg)
-    return result["metrics"].get("val/loss")
+    """Fit; return ``cfg.optimized_metric`` (the value hyper-parameter sweeps optimise)."""
+    return optimized_metric(cfg, train(cfg))
 
 
 if __name__ == "__main__":

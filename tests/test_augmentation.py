@@ -17,7 +17,7 @@ from drdm.augmentation import (
     OfflineSyntheticPool,
 )
 from drdm.data.io import save_nifti
-from drdm.deform import RandomDeformation
+from drdm.deform import RandomDeformation, warp
 from drdm.metrics import dice_score
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -194,3 +194,63 @@ def test_offline_pool_errors(tmp_path):
     pool = OfflineSyntheticPool(tmp_path)
     with pytest.raises(ValueError, match="size"):
         pool(_blob_batch(1))
+
+
+class _CountingSource:
+    """The forward process, counting how many fields it was asked for."""
+
+    def __init__(self) -> None:
+        self.forward = ForwardDiffusionField(RandomDeformation(ndims=2))
+        self.fields = 0
+
+    def __call__(self, image: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
+        self.fields += image.shape[0]
+        return self.forward(image, t0)
+
+
+def test_drdm_pool_generates_at_most_k_fields_per_sample_then_reuses_them():
+    torch.manual_seed(4)
+    source = _CountingSource()
+    transform = DRDMBatchAugmentation(source, ratio=2.0, t0_range=(40, 50), fields_per_sample=2)
+    batch = _blob_batch(2)
+    outputs = [transform(batch) for _ in range(6)]
+    # 2 real samples x K = 2: never more than 4 fields, however many pairs are appended
+    assert source.fields <= 4 and sum(len(out["image"]) - 2 for out in outputs) == 24
+    pools = transform._field_cache
+    assert set(pools) == {"s0", "s1"} and all(len(pool) == 2 for pool in pools.values())
+    last = outputs[-1]
+    for index, name in enumerate(last["id"][2:], 2):
+        source_index = int(name.split("_")[0][1:])
+        # every synthetic pair is one of its sample's pooled fields applied to image and label
+        matches = [
+            torch.equal(
+                last["image"][index : index + 1],
+                warp(batch["image"][source_index : source_index + 1], field[None]),
+            )
+            for field in pools[f"s{source_index}"]
+        ]
+        assert any(matches)
+        agreement = dice_score(
+            last["label"][index : index + 1],
+            _labels_from_intensity(last["image"][index : index + 1]),
+            3,
+        )
+        assert (agreement > 0.85).all()  # the label blob stays on its image blob
+    with pytest.raises(ValueError, match="fields_per_sample"):
+        DRDMBatchAugmentation(source, fields_per_sample=0)
+    without_ids = {k: v for k, v in batch.items() if k != "id"}
+    with pytest.raises(ValueError, match="'id'"):
+        transform(without_ids)
+
+
+def test_cpu_sized_drdm_strategy_config(tmp_path):
+    checkpoint = tmp_path / "drdm.ckpt"
+    checkpoint.write_bytes(b"")  # loaded lazily, on the first batch
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        config = compose("augmentation/drdm_cpu", overrides=[f"+drdm_checkpoint={checkpoint}"])
+    strategy = instantiate(config.augmentation)
+    (transform,) = strategy.batch_transforms
+    assert strategy.name == "drdm_cpu" and transform.fields_per_sample == 3
+    assert transform.t0_per_batch and transform.t0_range == (16, 32)
+    assert transform.source.checkpoint == checkpoint
+    assert transform.source.load_kwargs == {"start_step": "t0"}

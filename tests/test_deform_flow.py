@@ -99,3 +99,28 @@ def test_integrate_is_differentiable():
 def test_bad_input_raises_value_error(velocity, steps, match):
     with pytest.raises(ValueError, match=match):
         integrate(velocity, steps)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    steps=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    start=st.tuples(st.integers(0, 6), st.integers(0, 6)),
+    size=st.tuples(st.integers(1, 10), st.integers(1, 10)),
+)
+def test_region_equals_the_box_of_the_full_field(steps, start, size):
+    # only the last squaring and multiplication are restricted to the box: same numbers
+    velocity = _smooth_velocity((16, 16), batch=len(steps))
+    steps = torch.tensor(steps)
+    region = tuple(zip(start, size))
+    box = (..., *[slice(s, s + n) for s, n in region])
+    on_box = integrate(velocity, steps, region=region)
+    assert on_box.shape == (len(steps), 2, *size)
+    torch.testing.assert_close(on_box, integrate(velocity, steps)[box], atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        integrate(velocity, steps, max_steps=64, region=region), on_box, atol=1e-12, rtol=0
+    )
+
+
+def test_region_outside_the_grid_raises():
+    with pytest.raises(ValueError, match=r"region.*\(8, 8\)"):
+        integrate(torch.zeros(1, 2, 8, 8), torch.tensor([3]), region=((4, 6), (0, 8)))

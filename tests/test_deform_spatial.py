@@ -129,3 +129,26 @@ def test_nearest_warp_keeps_label_set_for_any_field(shape, seed, labels):
     warped = warp(label, field, mode="nearest", padding="border")
     assert warped.dtype == label.dtype
     assert set(warped.unique().tolist()) <= set(label.unique().tolist())
+
+
+@pytest.mark.parametrize(
+    ("shape", "box"),
+    [
+        ((20, 24), (slice(3, 11), slice(0, 24))),
+        ((10, 12, 14), (slice(2, 7), slice(5, 12), slice(1, 4))),
+    ],
+)
+def test_warp_on_a_box_equals_the_box_of_the_full_warp(shape, box):
+    image = torch.rand(2, 3, *shape, dtype=torch.float64)
+    field = _random_field(shape).double().expand(2, -1, *shape)
+    index = (..., *box)
+    offset = tuple(part.start for part in box)
+    on_box = warp(image, field[index].contiguous(), offset=offset)
+    assert on_box.shape == (2, 3, *[part.stop - part.start for part in box])
+    torch.testing.assert_close(on_box, warp(image, field)[index], atol=1e-12, rtol=0)
+
+
+def test_warp_box_outside_the_image_raises():
+    image = torch.rand(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"\(1, 2, 4, 4\) at offset \(6, 0\)"):
+        warp(image, torch.zeros(1, 2, 4, 4), offset=(6, 0))

@@ -130,3 +130,44 @@ def test_identity_has_no_folding_and_zero_sd_log_jacobian(shape):
     metrics = pair_metrics(zero, {})
     torch.testing.assert_close(metrics["folding_ratio"], torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(metrics["sd_log_jacobian"], torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(16, 18), (8, 10, 12)])
+def test_affine_field_jacobian_metrics(shape):
+    # u(x) = A x + b has the constant Jacobian determinant det(I + A): no spread of log det J,
+    # and every voxel folds exactly when det(I + A) <= 0
+    ndims = len(shape)
+    generator = torch.Generator().manual_seed(1)
+    matrix = 0.1 * torch.randn(ndims, ndims, generator=generator, dtype=torch.float64)
+    offset = torch.randn(ndims, generator=generator, dtype=torch.float64)
+    smooth = _affine_field(shape, matrix, offset)
+    metrics = pair_metrics(smooth, {})
+    torch.testing.assert_close(metrics["folding_ratio"], torch.zeros(1, dtype=torch.float64))
+    torch.testing.assert_close(
+        metrics["sd_log_jacobian"], torch.zeros(1, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    flip = torch.zeros(ndims, ndims, dtype=torch.float64)
+    flip[0, 0] = -1.5  # det(I + A) = -0.5 along axis 0
+    folded = pair_metrics(_affine_field(shape, flip, offset), {})
+    torch.testing.assert_close(folded["folding_ratio"], torch.ones(1, dtype=torch.float64))
+
+
+def test_pair_metrics_recover_a_known_3d_affine_in_mm():
+    # the moving landmarks follow an affine map exactly: its field gives TRE 0, the identity
+    # gives the landmark displacement scaled by the anisotropic spacing
+    shape = (12, 14, 10)
+    generator = torch.Generator().manual_seed(2)
+    matrix = 0.05 * torch.randn(3, 3, generator=generator, dtype=torch.float64)
+    offset = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    field = _affine_field(shape, matrix, offset)
+    fixed = torch.rand(1, 5, 3, generator=generator, dtype=torch.float64) * 8 + 1
+    moving = fixed + fixed @ matrix.T + offset
+    spacing = torch.tensor([[0.8, 1.2, 2.5]], dtype=torch.float64)
+    batch = {"fixed_keypoints": fixed, "moving_keypoints": moving, "spacing": spacing}
+    exact = pair_metrics(field, batch)
+    torch.testing.assert_close(exact["tre"], torch.zeros(1, dtype=torch.float64))
+    identity = pair_metrics(torch.zeros_like(field), {**batch, "displacement": field})
+    expected = ((moving - fixed) * spacing).norm(dim=-1).mean(1)
+    torch.testing.assert_close(identity["tre"], expected)
+    millimetres = (field * spacing.view(1, 3, 1, 1, 1)).norm(dim=1).mean()
+    torch.testing.assert_close(identity["field_error"], millimetres.view(1))

@@ -93,3 +93,33 @@ def test_drdm_source_requires_a_checkpoint(tmp_path):
         DRDMFieldSource(checkpoint=None)
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         DRDMFieldSource(checkpoint=tmp_path / "missing.ckpt")
+
+
+def test_drdm_source_rejects_a_negative_bank_size(tmp_path):
+    checkpoint = tmp_path / "drdm.ckpt"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ValueError, match="fields_per_image"):
+        DRDMFieldSource(checkpoint=checkpoint, fields_per_image=-1)
+
+
+def test_known_field_pairs_are_seeded_by_pair_and_warp_the_moving_sample():
+    from drdm.deform import folding_ratio
+    from drdm.synthesis import KnownFieldTransform, SmoothNoiseFieldSource
+
+    image = torch.rand(1, 24, 20, generator=torch.Generator().manual_seed(0))
+    label = (image > 0.5).long()
+    moving = {"image": image, "label": label, "id": "a", "keypoints": torch.zeros(3, 2)}
+    fixed = {"image": torch.rand(1, 24, 20), "label": label, "id": "b"}
+    transform = KnownFieldTransform(SmoothNoiseFieldSource(ndims=2, sigma=3.0, amplitude=1.5))
+    pair = transform({"moving": moving, "fixed": fixed})
+    field = pair["displacement"]
+    assert field.shape == (2, 24, 20) and field.abs().max() > 0.5
+    assert folding_ratio(field[None]).item() == 0.0  # integrated velocity: diffeomorphic
+    torch.testing.assert_close(pair["fixed"]["image"], warp(image[None], field[None])[0])
+    assert torch.equal(pair["fixed"]["label"], warp(label[None], field[None], mode="nearest")[0])
+    assert "keypoints" not in pair["moving"] and "keypoints" not in pair["fixed"]
+    # the same pair always gets the same field; another pair another one
+    again = transform({"moving": moving, "fixed": fixed})
+    torch.testing.assert_close(again["displacement"], field)
+    other = transform({"moving": moving, "fixed": {**fixed, "id": "c"}})
+    assert not torch.allclose(other["displacement"], field)

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from drdm.data.io import save_nifti
+from drdm.data.io import save_nifti, save_nifti_like
 from drdm.deform.units import displacement_to_world
 
 NIFTI_INTENT_DISPVECT = 1006
@@ -49,13 +49,19 @@ def itk_displacement_array(displacement, affine) -> np.ndarray:
     return np.moveaxis(world, 0, -1)[:, :, :, None, :].astype(np.float32)
 
 
-def write_displacement_field(path: str | Path, displacement, affine) -> Path:
+def write_displacement_field(path: str | Path, displacement, affine, like=None) -> Path:
     """Write a voxel displacement ``[n, *S]`` (array axes of the image with ``affine``) atomically.
 
-    Returns the written path. See the module docstring for the layout and convention.
+    ``affine`` is the geometry the voxels are converted to mm with. With ``like`` (the input NIfTI
+    file), the header geometry of that file is copied verbatim instead of being re-derived from
+    ``affine``, so the field sits on exactly the input's grid in every reader. Returns the path.
+    See the module docstring for the layout and convention.
     """
     affine = np.asarray(affine, dtype=np.float64)
     data = itk_displacement_array(displacement, affine)
+    if like is not None:
+        intent = (NIFTI_INTENT_DISPVECT, "DISPLACEMENT")
+        return save_nifti_like(path, data, like, dtype=np.float32, intent=intent)
     header = nib.Nifti1Header()
     header.set_intent(NIFTI_INTENT_DISPVECT, name="DISPLACEMENT")
     header.set_xyzt_units("mm")

@@ -40,25 +40,34 @@ class DRDMField:
     Args:
         checkpoint: a DRDM checkpoint readable by ``drdm.generate.DRDM.load``.
         generate_kwargs: extra keyword arguments for ``DRDM.generate``.
+        load_kwargs: extra keyword arguments for ``DRDM.load`` (e.g. ``start_step: t0`` starts
+            the recovery chain at ``t0 - 1`` instead of ``T - 1``: fewer network calls).
     """
 
-    def __init__(self, checkpoint: str | Path, generate_kwargs: dict | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        generate_kwargs: dict | None = None,
+        load_kwargs: dict | None = None,
+    ) -> None:
         if checkpoint is None or str(checkpoint) in ("", "???", "None"):
             raise ValueError(
                 "the drdm augmentation needs a trained DRDM checkpoint: set "
-                "augmentation.drdm.source.checkpoint=path/to/drdm.ckpt"
+                "drdm_checkpoint=path/to/drdm.ckpt (or "
+                "augmentation.batch.drdm.source.checkpoint=path/to/drdm.ckpt)"
             )
         self.checkpoint = Path(checkpoint)
         if not self.checkpoint.is_file():
             raise FileNotFoundError(f"DRDM checkpoint not found: {self.checkpoint}")
         self.generate_kwargs = dict(generate_kwargs or {})
+        self.load_kwargs = dict(load_kwargs or {})
         self._drdm = None
 
     def _model(self, device: torch.device):
         if self._drdm is None:
             from drdm.generate import DRDM  # imported lazily: only this source needs it
 
-            self._drdm = DRDM.load(self.checkpoint)
+            self._drdm = DRDM.load(self.checkpoint, **self.load_kwargs)
         return self._drdm.to(device)
 
     @torch.no_grad()
@@ -117,6 +126,12 @@ class DRDMBatchAugmentation:
             source runs one recovery loop per distinct ``t0``, so this divides its cost by the
             number of synthetic samples per batch (used for CPU-sized runs); ``t0`` still covers
             the range across batches.
+        fields_per_sample: ``None``: a new field for every synthetic sample. An int ``K``: each
+            real sample (by its batch ``id``) gets at most ``K`` generated fields, kept on the
+            device; once it has ``K``, later picks reuse one of them at random. Like an offline
+            pool of K synthetic pairs per labelled image, but made lazily on the device; it
+            bounds the generation cost (``K`` x labelled samples fields per run) on slow
+            hardware. Needs ``id`` in the batch. Memory: ``K x samples x ndims x S`` floats.
 
     Call with a batch dict on the training device (``image`` ``[B, C, *S]``, ``label`` int
     ``[B, 1, *S]``, optional ``has_label`` ``[B]``, ``spacing``); returns a new dict with the
@@ -132,7 +147,10 @@ class DRDMBatchAugmentation:
         label_mode: str = "nearest",
         num_classes: int | None = None,
         t0_per_batch: bool = False,
+        fields_per_sample: int | None = None,
     ) -> None:
+        if fields_per_sample is not None and int(fields_per_sample) < 1:
+            raise ValueError(f"fields_per_sample must be >= 1 or null, got {fields_per_sample}")
         if ratio < 0:
             raise ValueError(f"ratio must be >= 0, got {ratio}")
         if label_mode not in LABEL_MODES:
@@ -145,6 +163,8 @@ class DRDMBatchAugmentation:
         self.label_mode = label_mode
         self.num_classes = num_classes
         self.t0_per_batch = bool(t0_per_batch)
+        self.fields_per_sample = None if fields_per_sample is None else int(fields_per_sample)
+        self._field_cache: dict[str, list[torch.Tensor]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -188,13 +208,49 @@ class DRDMBatchAugmentation:
         t0 = torch.randint(low, high + 1, (1 if self.t0_per_batch else count,), device=image.device)
         t0 = t0.expand(count)
         with torch.no_grad():
-            displacement = self.source(image[picks], t0)
+            if self.fields_per_sample is None:
+                displacement = self.source(image[picks], t0)
+            else:
+                displacement = self._pooled_fields(image, picks, t0, batch)
             new_image, new_label = self.warp_pair(image[picks], label[picks], displacement)
         out["image"] = torch.cat([image, new_image.to(image.dtype)])
         out["label"] = torch.cat([label, new_label])
         out["has_label"] = torch.cat([has_label, torch.ones_like(has_label[picks])])
         out["synthetic"] = torch.cat([out["synthetic"], torch.ones_like(out["synthetic"][picks])])
         return append_metadata(out, batch, picks, "drdm")
+
+    def _pooled_fields(
+        self, image: torch.Tensor, picks: torch.Tensor, t0: torch.Tensor, batch: dict
+    ) -> torch.Tensor:
+        """Fields ``[N, ndims, *S]`` for ``picks``: new ones until a sample has K, then reused."""
+        if "id" not in batch:
+            raise ValueError(
+                "fields_per_sample needs sample ids: the batch has no 'id' key "
+                f"(keys {sorted(batch)})"
+            )
+        ids = [str(batch["id"][index]) for index in picks.tolist()]
+        fresh = [
+            row
+            for row, sample_id in enumerate(ids)
+            if len(self._field_cache.get(sample_id, [])) < self.fields_per_sample
+        ]
+        displacement = torch.empty(
+            len(ids), image.ndim - 2, *image.shape[2:], device=image.device, dtype=image.dtype
+        )
+        if fresh:
+            rows = torch.tensor(fresh, device=image.device)
+            generated = self.source(image[picks[rows]], t0[rows]).to(displacement)
+            displacement[rows] = generated
+            for row, field in zip(fresh, generated):
+                pool = self._field_cache.setdefault(ids[row], [])
+                # one sample picked twice in a batch may get two fresh fields: keep at most K
+                if len(pool) < self.fields_per_sample:
+                    pool.append(field)
+        for row, sample_id in enumerate(ids):
+            if row not in fresh:
+                pool = self._field_cache[sample_id]
+                displacement[row] = pool[int(torch.randint(len(pool), (1,)))].to(displacement)
+        return displacement
 
 
 def append_metadata(out: dict, batch: dict, picks: torch.Tensor, tag: str) -> dict:

@@ -7,8 +7,6 @@ Arrays are returned in the file's voxel order (``[X, Y, Z]`` or ``[X, Y]``); aff
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +14,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+
+from drdm.utils.atomic import atomic_write
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -128,17 +128,65 @@ def save_nifti(
     image.set_data_dtype(array.dtype)
     image.set_sform(affine, code=1 if header is None else max(1, int(header["sform_code"])))
     image.set_qform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        nib.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return _save_atomic(image, path)
+
+
+def save_nifti_like(
+    path: str | Path,
+    array: np.ndarray | torch.Tensor,
+    reference: str | Path,
+    dtype: type | None = None,
+    intent: tuple[int, str] | None = None,
+) -> Path:
+    """Write ``array`` atomically with the header geometry of the NIfTI file ``reference``.
+
+    sform and qform (with their codes), voxel sizes and units are copied unchanged, so every tool
+    reads the output on exactly the grid it reads the reference on -- even for files whose sform
+    and ``pixdim`` disagree (see :func:`_consistent_affine`), where re-deriving a header would not.
+
+    Args:
+        path: destination ``.nii`` / ``.nii.gz``.
+        array: voxels ``[X, Y(, Z)(, ...)]`` on the reference's grid (extra trailing axes allowed,
+            e.g. ``[X, Y, Z, 1, 3]`` vector fields).
+        reference: the NIfTI file whose geometry is copied.
+        dtype: on-disk dtype; defaults to the array's.
+        intent: optional ``(code, name)``, e.g. ``(1006, "DISPLACEMENT")``.
+    """
+    reference_image, reference = _open(reference)
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array if dtype is None else array.astype(dtype))
+    spatial = tuple(reference_image.shape[:3])
+    if tuple(array.shape[: len(spatial)]) != spatial:
+        raise ValueError(
+            f"array for {path} has shape {list(array.shape)} but reference {reference} has "
+            f"grid {list(spatial)}"
+        )
+    source = reference_image.header
+    header = nib.Nifti1Header()
+    header.set_data_shape(array.shape)
+    header.set_data_dtype(array.dtype)
+    header.set_sform(source.get_sform(), code=int(source["sform_code"]))
+    # set_qform also writes pixdim from the qform; the reference's own zooms are restored below
+    header.set_qform(source.get_qform(), code=int(source["qform_code"]))
+    zooms = list(header.get_zooms())
+    reference_zooms = source.get_zooms()
+    for axis in range(min(3, len(zooms), len(reference_zooms))):
+        zooms[axis] = reference_zooms[axis]
+    header.set_zooms(zooms)
+    header.set_xyzt_units(*source.get_xyzt_units())
+    if intent is not None:
+        header.set_intent(intent[0], name=intent[1])
+        header.set_xyzt_units("mm")  # the vectors are in mm whatever the grid's declared unit
+    image = nib.Nifti1Image(array, None, header=header)
+    return _save_atomic(image, Path(path))
+
+
+def _save_atomic(image: nib.Nifti1Image, path: Path) -> Path:
+    """``nib.save`` through a temporary file in the destination folder (see drdm.utils.atomic)."""
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"NIfTI output needs a .nii or .nii.gz path, got {path}")
+    return atomic_write(path, lambda temporary: nib.save(image, temporary))
 
 
 def check_same_geometry(image_path: Path, label_path: Path, atol: float = 1e-3) -> None:

@@ -20,7 +20,8 @@ has exactly this meaning at 128 voxels; its unit conversion multiplies the field
 behaviour (one composition per step, the reference's conversion) for comparisons.
 
 **Integrators.** ``"squaring"`` (default): binary powers of the map, ``O(log k)`` resamplings,
-closer to the exact k-fold map than the one-step loop (see :mod:`drdm.deform.flow`);
+closer to the exact k-fold map than the one-step loop (see :mod:`drdm.deform.flow`), its last
+squaring and multiplication evaluated only on the control points the kept image voxels read;
 ``"sequential"``: one composition per step, resampling only the velocity (the exact k-fold map of
 the piecewise linear velocity, ``O(k)``; same units as ``"squaring"``); ``"reference"``: the
 authors' loop (re-interpolating the accumulated field each step) and their resolution-dependent
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drdm.deform.flow import integrate, integrate_sequential
-from drdm.deform.sampling import multiscale_noise, upsample_crop
+from drdm.deform.sampling import kept_support, multiscale_noise, resample_box
 from drdm.deform.schedule import power_steps, power_steps_bound
 from drdm.deform.spatial import warp
 
@@ -171,24 +172,34 @@ class RandomDeformation(nn.Module):
         fine = F.interpolate(velocity, scale_factor=self.refinement, mode=mode)
         return fine * self.refinement
 
-    def _integrate(self, velocity: torch.Tensor, steps: torch.Tensor, bound: int) -> torch.Tensor:
+    def _integrate(
+        self, velocity: torch.Tensor, steps: torch.Tensor, bound: int, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """The k-fold field on the image grid, in image voxels (see module docstring)."""
         velocity = self._refine(velocity)
+        # the result is needed only at the control points that the kept image voxels read
+        weights, region = kept_support(tuple(velocity.shape[2:]), shape, self.crop_factor)
         if self.integrator == "squaring":
             # on CPU reading steps is free and lets small t skip powers; elsewhere use the bound
-            return integrate(velocity, steps, None if steps.device.type == "cpu" else bound)
-        if self.integrator == "sequential":
-            return integrate_sequential(velocity, steps, resample="velocity")
-        return integrate_sequential(velocity, steps, resample="displacement")
+            host_bound = None if steps.device.type == "cpu" else bound
+            box = integrate(velocity, steps, host_bound, region=region)
+        else:
+            resample = "velocity" if self.integrator == "sequential" else "displacement"
+            field = integrate_sequential(velocity, steps, resample=resample)
+            box = field[(..., *[slice(first, first + n) for first, n in region])]
+        return self._to_image_voxels(resample_box(box, weights), velocity.shape[2], shape)
 
-    def _to_image_voxels(self, control_field: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        field = upsample_crop(control_field, shape, self.crop_factor)
+    def _to_image_voxels(
+        self, field: torch.Tensor, grid_size: int, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """Grid voxels (of a ``grid_size`` grid) to image voxels, per axis."""
         size = torch.tensor(shape, device=field.device, dtype=field.dtype)
         if self.integrator == "reference":
             # reference: (control voxels / C) * S / C, read as a fraction of S -> S^2 / C^2
             factor = size**2 / self.control_size**2
         else:
-            # one control voxel is crop_factor * S / C image voxels along each axis
-            factor = size * self.crop_factor / control_field.shape[2]
+            # one grid voxel is crop_factor * S / grid_size image voxels along each axis
+            factor = size * self.crop_factor / grid_size
         return field * factor.view(1, self.ndims, *([1] * self.ndims))
 
     def forward(
@@ -217,11 +228,15 @@ class RandomDeformation(nn.Module):
             perturbed,
             diffusion_steps,
             power_steps_bound(self.timesteps, **self.diffusion_schedule),
+            shape,
         )
         target = self._integrate(
-            clean, recovery_steps, power_steps_bound(self.timesteps, **self.recovery_schedule)
+            clean,
+            recovery_steps,
+            power_steps_bound(self.timesteps, **self.recovery_schedule),
+            shape,
         )
-        return self._to_image_voxels(diffused, shape), self._to_image_voxels(target, shape)
+        return diffused, target
 
 
 def random_deformation(

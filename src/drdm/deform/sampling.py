@@ -81,6 +81,31 @@ def _crop_interpolation_matrix(
     return weights, first
 
 
+def kept_support(
+    control_field_shape: tuple[int, ...], shape: tuple[int, ...], crop_factor: float = 2.0
+) -> tuple[list[torch.Tensor], tuple[tuple[int, int], ...]]:
+    """Interpolation weights and the box of control points that the kept ``shape`` voxels read.
+
+    Returns ``(weights, region)``: per axis a float64 ``[S_i, n_i]`` weight matrix and the
+    ``(first, n_i)`` control points it reads; :func:`resample_box` applies them.
+    """
+    weights, region = [], []
+    for control_size, size in zip(control_field_shape, shape):
+        matrix, first = _crop_interpolation_matrix(control_size, size, crop_factor)
+        weights.append(matrix)
+        region.append((first, matrix.shape[1]))
+    return weights, tuple(region)
+
+
+def resample_box(box: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """Apply the per-axis weights of :func:`kept_support` to a ``[B, ndims, *n]`` box."""
+    field = box
+    for axis, matrix in enumerate(weights):
+        matrix = matrix.to(device=field.device, dtype=field.dtype)
+        field = torch.movedim(torch.movedim(field, 2 + axis, -1) @ matrix.T, -1, 2 + axis)
+    return field
+
+
 def upsample_crop(
     control_field: torch.Tensor, shape: tuple[int, ...], crop_factor: float = 2.0
 ) -> torch.Tensor:
@@ -97,13 +122,8 @@ def upsample_crop(
         voxels only (in 3D with ``crop_factor=2`` that skips 7/8 of the output).
     """
     ndims = control_field.ndim - 2
-    field = control_field
-    for axis, size in enumerate(shape):
-        control_size = field.shape[2 + axis]
-        weights, first = _crop_interpolation_matrix(control_size, size, crop_factor)
-        weights = weights.to(device=field.device, dtype=field.dtype)
-        support = field.narrow(2 + axis, first, weights.shape[1])
-        field = torch.movedim(torch.movedim(support, 2 + axis, -1) @ weights.T, -1, 2 + axis)
-    if field.shape[2:] != tuple(shape) or ndims != len(shape):
+    if ndims != len(shape):
         raise ValueError(f"cannot resample control field {tuple(control_field.shape)} to {shape}")
-    return field
+    weights, region = kept_support(tuple(control_field.shape[2:]), tuple(shape), crop_factor)
+    box = control_field[(..., *[slice(first, first + n) for first, n in region])]
+    return resample_box(box, weights)

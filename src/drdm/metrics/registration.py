@@ -199,7 +199,8 @@ def pair_metrics(
         batch: registration batch (see ``drdm.data``): uses ``spacing`` and, when present,
             ``moving_label``/``fixed_label`` (Dice, HD95, ASD in mm; mean over foreground
             classes), ``moving_keypoints``/``fixed_keypoints`` (``tre`` mean in mm), and
-            ``displacement`` (the true field: ``field_error`` mean endpoint error in mm).
+            ``displacement`` (the true field: ``field_error`` mean endpoint error in mm over the
+            grid and, with labels, ``field_error_foreground`` over the fixed label's foreground).
         num_classes: label classes including background; ``None`` takes the largest label in
             the batch + 1.
 
@@ -226,8 +227,15 @@ def pair_metrics(
         metrics["tre"] = torch.nanmean(errors, dim=1).double().cpu()
 
     if "displacement" in batch:
-        metrics["field_error"] = endpoint_error(displacement, batch["displacement"], spacing)
-        metrics["field_error"] = metrics["field_error"].double().cpu()
+        truth = batch["displacement"]
+        metrics["field_error"] = endpoint_error(displacement, truth, spacing).double().cpu()
+        if labelled is not None:
+            # inside the labelled anatomy of the fixed image: background motion has no image
+            # content to recover it from, so the whole-grid error mixes in unrecoverable voxels
+            foreground = batch["fixed_label"].to(displacement.device) > 0
+            inside = endpoint_error(displacement, truth, spacing, foreground).double().cpu()
+            empty = ~(foreground.flatten(1).any(1).cpu() & labelled.cpu())
+            metrics["field_error_foreground"] = inside.masked_fill(empty, float("nan"))
 
     metrics["folding_ratio"] = folding_ratio(displacement, spacing).double().cpu()
     metrics["sd_log_jacobian"] = sd_log_jacobian(displacement, spacing).double().cpu()

@@ -252,6 +252,8 @@ class DRDMModule(L.LightningModule):
             and period > 0
             and self.current_epoch % period == 0
             and not self.trainer.sanity_checking
+            # one figure per run under DDP (the inference net is unwrapped: no collectives)
+            and self.trainer.is_global_zero
         ):
             self._log_figure(image[:1])
 
@@ -284,8 +286,7 @@ class DRDMModule(L.LightningModule):
             path,
             title=f"epoch {self.current_epoch}, t0 = {int(t0)}",
         )
-        if self.trainer.is_global_zero:
-            log_image(self.loggers, "val/figure", path, self.global_step)
+        log_image(self.loggers, "val/figure", path, self.global_step)
 
     def configure_optimizers(self) -> Any:
         # partial configs (`_partial_: true`) give factories; the EMA copy is not optimised

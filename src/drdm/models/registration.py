@@ -146,6 +146,8 @@ class RegistrationModule(L.LightningModule):
             + hp.smoothness_weight * smoothness
         )
         logs = {
+            # mean |true field| (voxels): compares the scale of the synthetic field families
+            "synthetic_field_magnitude": pair.displacement.norm(dim=1).mean(),
             "synthetic_field_error": field_error,
             "synthetic_dissimilarity": dissimilarity,
             "synthetic_smoothness": smoothness,

@@ -16,9 +16,6 @@ ground truth and predictions is logged every ``figure_every_n_epochs`` validatio
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from torch import nn
 
 from drdm.metrics.collection import METRIC_NAMES, SegmentationScores
 from drdm.utils import build, to_plain
+from drdm.utils.atomic import save_figure_atomic, write_json_atomic
 
 
 def soft_dice_loss(logits: torch.Tensor, label: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -177,7 +175,7 @@ class SegmentationModule(L.LightningModule):
             return None
         logits = self.net(image)
         loss, _ = self._loss(logits, label)
-        self.log(f"{stage}/loss", loss, batch_size=image.shape[0])
+        self.log(f"{stage}/loss", loss, batch_size=image.shape[0], sync_dist=True)
         prediction = logits.argmax(dim=1, keepdim=True)
         scores.update(prediction, label, subset.get("spacing"))
         return prediction, subset
@@ -252,7 +250,7 @@ class SegmentationModule(L.LightningModule):
             "per_sample": rows,
         }
         path = Path(self.trainer.default_root_dir) / self.hparams.results_file
-        _write_json_atomic(path, document)
+        write_json_atomic(path, document)
 
     def _log_figure(self) -> None:
         figure = prediction_figure(**self._figure_batch, class_names=self.class_names)
@@ -270,7 +268,7 @@ class SegmentationModule(L.LightningModule):
                 logged = True
         if not logged:  # no image-capable logger: keep the figure as a file beside the run
             path = Path(self.trainer.default_root_dir) / "figures" / f"{title.split('/')[-1]}.png"
-            _save_figure_atomic(figure, path)
+            save_figure_atomic(figure, path, dpi=80)
         figure.clear()
         import matplotlib.pyplot as plt
 
@@ -344,30 +342,6 @@ def prediction_figure(
     return figure
 
 
-def _save_figure_atomic(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=80)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def _finite_or_none(value: float) -> float | None:
     """JSON has no NaN: undefined values are written as null."""
     return value if value == value and abs(value) != float("inf") else None
-
-
-def _write_json_atomic(path: Path, document: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(document, stream, indent=2)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

@@ -132,6 +132,11 @@ class RecResACNet(RecoveryNet):
         self.te_out = step_mlp(time_dim, 2 * c1)
         self.b_out = level([2 * c1, c1, c1, c1], normalize=False)
         self.conv_out = conv(c1, ndims, 3, padding=1)
+        # start near the identity (as VoxelMorph's flow layer): raw outputs are multiplied by the
+        # image size and composed over up to T recovery steps, so a default-initialised head
+        # makes an untrained model collapse the image instead of leaving it unchanged
+        nn.init.normal_(self.conv_out.weight, std=1e-5)
+        nn.init.zeros_(self.conv_out.bias)
 
     def _channel_bias(self, mlp: nn.Module, embedding: torch.Tensor) -> torch.Tensor:
         """``[B, time_dim] -> [B, channels, 1, ..., 1]`` for broadcasting over space."""

@@ -15,6 +15,7 @@ Pure torch: no Lightning or Hydra.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,12 +98,21 @@ class DRDMFieldSource:
     the training device inside the step. Each call draws one generation seed from ``generator``
     (or torch's global generator, seeded by ``seed_everything``) and one ``t0`` from ``t0``.
 
+    Generation runs the recovery network once per step of the chain (tens of passes), which
+    dominates a CPU training step. With ``fields_per_image = k > 0`` each distinct image (keyed by
+    its content) gets ``k`` fields generated once, on first sight, with the ``t0`` values cycling
+    through ``t0``; later calls draw one of them at random. This is the paper's offline set-up
+    (a fixed number of DRDM samples per training image), made lazily; ``k = 0`` generates a
+    fresh field on every call. The bank suits un-augmented training images: every augmented
+    variant of an image is a new key (and a new generation).
+
     Args:
         checkpoint: path to a trained DRDM (Lightning ``.ckpt`` or the authors' ``.pth``);
             required, there is no silent fallback.
         t0: diffusion start step(s) of the generation; a list draws one per call.
         options: keyword arguments of :class:`drdm.generate.DRDM` (e.g. ``start_step``,
             ``batch_size``, ``interpolation``).
+        fields_per_image: ``k`` above (0: no bank).
     """
 
     def __init__(
@@ -110,6 +120,7 @@ class DRDMFieldSource:
         checkpoint: str | Path | None,
         t0: int | Sequence[int] = 48,
         options: dict | None = None,
+        fields_per_image: int = 0,
     ) -> None:
         if checkpoint is None or str(checkpoint) in ("", "???", "None"):
             raise ValueError(
@@ -122,7 +133,12 @@ class DRDMFieldSource:
         self.t0 = [int(t) for t in t0] if isinstance(t0, Sequence) else [int(t0)]
         if not self.t0:
             raise ValueError("model.field_sources.synthetic_drdm.t0 must not be empty")
+        if fields_per_image < 0:
+            raise ValueError(f"fields_per_image must be >= 0, got {fields_per_image}")
         self.options = dict(options or {})
+        self.fields_per_image = int(fields_per_image)
+        # image content key -> [k, ndims, *S] fields on the CPU
+        self.bank: dict[bytes, torch.Tensor] = {}
         self._drdm = None
 
     def _model(self, device: torch.device):
@@ -147,7 +163,33 @@ class DRDMFieldSource:
                 f"image {tuple(image.shape)} does not match the {drdm.ndims}D DRDM "
                 f"{self.checkpoint}"
             )
+        if self.fields_per_image:
+            return self._from_bank(drdm, image, generator)
         draws = torch.randint(2**62, (2,), generator=generator)
         t0 = self.t0[int(draws[1]) % len(self.t0)]
         generated = drdm.generate(image, num_samples=1, t0=t0, seed=int(draws[0]))
         return generated.displacement.to(image.device, image.dtype)
+
+    def _from_bank(self, drdm, image: torch.Tensor, generator: torch.Generator | None):
+        keys = [_content_key(one) for one in image]
+        missing = {key: index for index, key in enumerate(keys) if key not in self.bank}
+        if missing:
+            count = self.fields_per_image
+            t0 = [self.t0[k % len(self.t0)] for k in range(count)]
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            rows = list(missing.values())
+            generated = drdm.generate(image[rows], num_samples=count, t0=t0, seed=seed)
+            fields = generated.displacement.cpu().unflatten(0, (len(rows), count))
+            for key, field in zip(missing, fields, strict=True):
+                self.bank[key] = field
+        choice = torch.randint(self.fields_per_image, (len(keys),), generator=generator)
+        fields = [self.bank[key][int(k)] for key, k in zip(keys, choice, strict=True)]
+        return torch.stack(fields).to(image.device, image.dtype)
+
+
+def _content_key(image: torch.Tensor) -> bytes:
+    """A key identifying an image by its shape and values (the same slice gives the same key)."""
+    array = image.detach().to("cpu", torch.float32).contiguous().numpy()
+    digest = hashlib.blake2b(str(array.shape).encode(), digest_size=16)
+    digest.update(array.tobytes())
+    return digest.digest()

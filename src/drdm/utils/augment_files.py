@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,10 +28,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from drdm.data.io import check_same_geometry, load_nifti, nifti_files, nifti_stem, save_nifti
+from drdm.data.io import check_same_geometry, load_nifti, nifti_files, nifti_stem, save_nifti_like
 from drdm.deform import displacement_to_world
 from drdm.fields import write_displacement_field
 from drdm.generate import DRDM, mix_seed
+from drdm.utils.atomic import write_csv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +101,7 @@ def find_inputs(path: str | Path) -> list[InputCase]:
 
 def _write_manifest(path: Path, rows: dict[tuple[str, int], dict]) -> None:
     """Rewrite ``manifest.csv`` atomically, rows sorted by (input, k)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".csv", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=MANIFEST_COLUMNS)
-            writer.writeheader()
-            for key in sorted(rows):
-                writer.writerow(rows[key])
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_csv_atomic(path, [rows[key] for key in sorted(rows)], MANIFEST_COLUMNS, "raise")
 
 
 def read_manifest(path: Path) -> dict[tuple[str, int], dict]:
@@ -209,11 +198,13 @@ def augment_case(
     for row, k in enumerate(pending):
         paths = _outputs(output_dir, stem, k, labelled)
         field = result.displacement[row].cpu().double()  # [n, *S] voxels along the array axes
-        save_nifti(paths["image"], result.image[row, 0].cpu().numpy().astype(np.float32), affine)
+        # outputs copy the input's header geometry verbatim (sform/qform, codes, pixdim)
+        sample = result.image[row, 0].cpu().numpy().astype(np.float32)
+        save_nifti_like(paths["image"], sample, case.image)
         if labelled:
             warped_label = result.label[row, 0].cpu().numpy()
-            save_nifti(paths["label"], warped_label.astype(label_dtype), affine)
-        write_displacement_field(paths["field"], field.numpy(), affine)
+            save_nifti_like(paths["label"], warped_label.astype(label_dtype), case.image)
+        write_displacement_field(paths["field"], field.numpy(), affine, like=case.image)
         world = displacement_to_world(field[None], torch.as_tensor(affine))[0]
         length = world.square().sum(0).sqrt()
         manifest[(stem, k)] = {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from drdm.utils.atomic import save_figure_atomic  # noqa: E402
 
 
 def central_slice(volume: torch.Tensor) -> torch.Tensor:
@@ -78,15 +78,7 @@ def recovery_figure(
         fig.suptitle(title)
     fig.tight_layout()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        fig.savefig(temporary, dpi=100)
-        os.replace(temporary, path)
+        return save_figure_atomic(fig, path, dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path

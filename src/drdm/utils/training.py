@@ -1,22 +1,205 @@
 """The body of ``src/train.py``: build everything from a composed config, fit, optionally test.
 
 Kept importable so tests compose configs with ``hydra.compose`` and call :func:`train` exactly
-as the script does.
+as the script does. Importing it registers the ``drdm.effective_batch_size`` resolver used by
+``conf/hardware``.
+
+Scale-out (``conf/hardware``): the effective batch size is ``data.batch_size x processes x
+trainer.accumulate_grad_batches``; ``hardware.lr_scaling`` (``none`` | ``linear`` | ``sqrt``)
+scales the configured learning rate by the ratio of that batch to ``hardware.base_batch_size``.
+Under DDP every rank re-seeds its global random state from (seed, rank) when fitting starts
+(:class:`RankSeed`), so random augmentations differ across ranks while the initial weights stay
+identical.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from drdm.utils.instantiate import build
 
 log = logging.getLogger(__name__)
+
+LR_SCALING_RULES = ("none", "linear", "sqrt")
+# where each model config keeps its learning rate, tried in this order
+LR_KEYS = ("optimizer.lr", "lr")
+_RANK_SEED_MIX = 1_000_003  # a prime: mixes seed and rank into one seed
+
+
+def count_devices(devices: Any) -> int:
+    """Processes per node that Lightning starts for a ``devices`` setting.
+
+    ``4`` -> 4; ``[0, 2]`` or ``"0,2"`` -> 2; ``-1`` / ``"auto"`` -> the visible CUDA GPUs
+    (1 without).
+
+    Raises:
+        ValueError: anything else (0, other negatives, text that is not a device list).
+    """
+    if isinstance(devices, list | tuple) or OmegaConf.is_list(devices):
+        return len(devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text == "auto":
+            devices = -1
+        elif "," in text:
+            return len([part for part in text.split(",") if part.strip()])
+        elif text.lstrip("-").isdigit():
+            devices = int(text)
+        else:
+            raise ValueError(f"hardware.devices must be an int, a list or 'auto', got {devices!r}")
+    if devices == -1:
+        return max(torch.cuda.device_count(), 1)
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"hardware.devices must be >= 1, -1 or 'auto', got {devices!r}")
+    return devices
+
+
+def effective_batch_size(batch_size: int, devices: Any, num_nodes: int, accumulate: int) -> int:
+    """Samples per optimiser step: ``batch_size x devices x num_nodes x accumulate``."""
+    for name, value in (("batch_size", batch_size), ("num_nodes", num_nodes)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if int(accumulate) < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+    return int(batch_size) * count_devices(devices) * int(num_nodes) * int(accumulate)
+
+
+def lr_scale_factor(rule: str, effective: int, base: int) -> float:
+    """LR multiplier for ``effective`` samples per step when the LR was tuned at ``base`` samples.
+
+    ``none`` -> 1, ``linear`` -> effective / base, ``sqrt`` -> sqrt(effective / base).
+    """
+    if rule not in LR_SCALING_RULES:
+        raise ValueError(f"hardware.lr_scaling must be one of {LR_SCALING_RULES}, got {rule!r}")
+    if base < 1 or effective < 1:
+        raise ValueError(f"batch sizes must be >= 1, got effective={effective}, base={base}")
+    ratio = effective / base
+    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+
+
+if not OmegaConf.has_resolver("drdm.effective_batch_size"):
+    OmegaConf.register_new_resolver("drdm.effective_batch_size", effective_batch_size)
+
+
+def _lr_key(model: DictConfig) -> str:
+    for key in LR_KEYS:
+        if OmegaConf.select(model, key) is not None:
+            return key
+    raise ValueError(
+        f"hardware.lr_scaling needs a learning rate at model.{' or model.'.join(LR_KEYS)}; "
+        f"model <{model.get('_target_')}> has neither"
+    )
+
+
+def scale_batch_and_lr(cfg: DictConfig, world_size: int) -> dict[str, Any]:
+    """Apply ``hardware.lr_scaling`` to the model's learning rate in ``cfg`` (in place).
+
+    Args:
+        cfg: the composed train config; ``cfg.model``'s LR is replaced by the scaled one and
+            ``cfg.hardware`` gets the resolved ``effective_batch_size`` and ``lr``.
+        world_size: processes over all nodes, as the trainer sees them.
+
+    Returns:
+        ``{"batch_size", "world_size", "accumulate_grad_batches", "effective_batch_size",
+        "base_batch_size", "lr_scaling", "lr_factor", "base_lr", "lr"}`` (``lr`` keys None when
+        the model has no LR key and the rule is ``none``).
+    """
+    hardware = cfg.get("hardware") or {}
+    batch_size = int(cfg.data.batch_size)
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    effective = effective_batch_size(batch_size, world_size, 1, accumulate)
+    declared = hardware.get("effective_batch_size")
+    if declared is not None and int(declared) != effective:
+        log.warning(
+            "hardware.effective_batch_size=%s but the trainer runs %d processes: using %d "
+            "(set hardware.devices / hardware.num_nodes rather than trainer.devices)",
+            declared,
+            world_size,
+            effective,
+        )
+    rule = str(hardware.get("lr_scaling") or "none")
+    base = int(hardware.get("base_batch_size") or batch_size)
+    factor = lr_scale_factor(rule, effective, base)
+    base_lr = lr = None
+    if rule != "none" or any(OmegaConf.select(cfg.model, k) is not None for k in LR_KEYS):
+        key = _lr_key(cfg.model)
+        base_lr = float(OmegaConf.select(cfg.model, key))
+        lr = base_lr * factor
+        with open_dict(cfg):
+            OmegaConf.update(cfg.model, key, lr, merge=False)
+    if "hardware" in cfg:
+        with open_dict(cfg):
+            cfg.hardware.effective_batch_size = effective
+            cfg.hardware.lr = lr
+    return {
+        "batch_size": batch_size,
+        "world_size": world_size,
+        "accumulate_grad_batches": accumulate,
+        "effective_batch_size": effective,
+        "base_batch_size": base,
+        "lr_scaling": rule,
+        "lr_factor": factor,
+        "base_lr": base_lr,
+        "lr": lr,
+    }
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed for process ``rank`` of a run seeded with ``seed`` (rank 0 keeps ``seed``)."""
+    return seed if rank == 0 else (seed * _RANK_SEED_MIX + rank) % (2**32)
+
+
+class RankSeed(L.Callback):
+    """Re-seed python, numpy and torch with ``rank_seed(seed, rank)`` when fitting starts.
+
+    Lightning re-seeds every rank with the same global seed while setting up DDP; this runs
+    after that (and after DDP has broadcast rank 0's weights), so each rank's random
+    augmentations differ and stay reproducible per (seed, rank). One process: no effect.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size == 1:
+            return  # one process: keep the random stream of the global seed untouched
+        value = rank_seed(self.seed, trainer.global_rank)
+        random.seed(value)
+        # the legacy global state is what numpy-based augmentations draw from
+        np.random.seed(value)  # noqa: NPY002
+        torch.manual_seed(value)
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse script-relaunched DDP inside a Hydra multirun (each child would re-run the sweep).
+
+    Raises:
+        ValueError: ``strategy=ddp`` with several local processes in a local multirun.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is not None and environment.creates_processes_externally:
+        return  # SLURM (or torchrun) started every process: nothing is re-run
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if trainer.num_devices > 1 and type(launcher).__name__ == "_SubprocessScriptLauncher":
+        raise ValueError(
+            "strategy=ddp starts its processes by re-running the command line, which a Hydra "
+            "multirun cannot do: sweep with hydra/launcher=slurm (SLURM starts the processes) "
+            "or use hardware.strategy=ddp_spawn for local sweeps"
+        )
 
 
 def instantiate_group(config: DictConfig | None) -> list[Any]:
@@ -44,12 +227,38 @@ def _resume_path(cfg: DictConfig) -> str | None:
     return str(value)
 
 
+def optimized_metric(cfg: DictConfig, result: dict[str, Any]) -> float | None:
+    """The value of ``cfg.optimized_metric`` for sweeps (None when unset).
+
+    The best checkpoint's score when the checkpoint callback monitors that metric, else the last
+    logged value.
+
+    Raises:
+        ValueError: the metric was never logged (names the metrics that were).
+    """
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    trainer = result["trainer"]
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.monitor == name and checkpoint.best_model_score:
+        return float(checkpoint.best_model_score)
+    if name not in result["metrics"]:
+        raise ValueError(
+            f"optimized_metric={name!r} was not logged; logged: {sorted(result['metrics'])}"
+        )
+    return result["metrics"][name]
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Seed, build data / model / callbacks / loggers / trainer from ``cfg``, fit (and test).
+    """Seed, build data / trainer / model / callbacks / loggers from ``cfg``, fit (and test).
+
+    The trainer is built before the model so the learning rate can follow the real number of
+    processes (:func:`scale_batch_and_lr`).
 
     Returns:
         ``{"metrics": {name: float}, "best_checkpoint": str | None, "output_dir": str,
-        "trainer": Trainer, "model": LightningModule}``.
+        "trainer": Trainer, "model": LightningModule, "scaling": dict}``.
     """
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
@@ -58,11 +267,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     log.info("data <%s>", cfg.data.get("_target_"))
     datamodule: L.LightningDataModule = build(cfg.data)
-    log.info("model <%s>", cfg.model.get("_target_"))
-    model: L.LightningModule = build(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"))
+    if cfg.get("seed") is not None:
+        callbacks.append(RankSeed(int(cfg.seed)))
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_launch(trainer)
+
+    scaling = scale_batch_and_lr(cfg, trainer.num_devices * trainer.num_nodes)
+    log.info(
+        "rank %d/%d: effective batch size %d (batch %d x %d processes x accumulate %d); "
+        "lr %s (configured %s, lr_scaling=%s against base batch %d)",
+        trainer.global_rank,
+        scaling["world_size"],
+        scaling["effective_batch_size"],
+        scaling["batch_size"],
+        scaling["world_size"],
+        scaling["accumulate_grad_batches"],
+        scaling["lr"],
+        scaling["base_lr"],
+        scaling["lr_scaling"],
+        scaling["base_batch_size"],
+    )
+    log.info("model <%s>", cfg.model.get("_target_"))
+    model: L.LightningModule = build(cfg.model)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
@@ -88,4 +316,5 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(cfg.paths.output_dir),
         "trainer": trainer,
         "model": model,
+        "scaling": scaling,
     }

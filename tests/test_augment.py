@@ -1,0 +1,264 @@
+"""`src/augment.py` outputs: geometry, fields read back, determinism and resuming."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from drdm.data.io import save_nifti
+from drdm.deform import folding_ratio, warp
+from drdm.generate import DRDM
+from drdm.models import DRDMModule
+from drdm.utils import augment_files
+from drdm.utils.augment_files import augment
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+NUM_SAMPLES = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _blob_volume(shape, seed):
+    """A smooth bright blob with a darker ring: an image whose warps are easy to see."""
+    rng = np.random.default_rng(seed)
+    axes = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    centre = rng.uniform(-0.2, 0.2, len(shape))
+    radius = np.sqrt(sum((a - c) ** 2 for a, c in zip(axes, centre, strict=True)))
+    image = np.exp(-4 * radius**2) * 100 + (radius < 0.35) * 50
+    label = (radius < 0.6).astype(np.int16) + (radius < 0.35).astype(np.int16)
+    return image.astype(np.float32), label
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny 2D DRDM trained for two steps by a real Trainer and saved as a Lightning .ckpt.
+
+    The U-Net starts near the identity, so the samples' fields stay close to the (unfolded) forward
+    fields and their statistics are well defined -- unlike those of an untrained RecResACNet.
+    """
+    folder = tmp_path_factory.mktemp("drdm_ckpt")
+    torch.manual_seed(0)
+    net = {
+        "_target_": "drdm.nets.UNet",
+        "ndims": 2,
+        "timesteps": 20,
+        "channels": [8, 16],
+        "blocks_per_level": 1,
+        "time_dim": 16,
+        "groups": 4,
+        "recursions": 1,
+    }
+    schedule = {"_target_": "drdm.deform.RandomDeformation", "ndims": 2, "timesteps": 20}
+    module = DRDMModule(net, schedule, image_size=[SIZE, SIZE], ndims=2, figure_every_n_epochs=0)
+    images = torch.from_numpy(np.stack([_blob_volume((SIZE, SIZE), s)[0] for s in range(4)]))
+    loader = torch.utils.data.DataLoader([{"image": i[None] / 150} for i in images], batch_size=2)
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=folder,
+        accelerator="cpu",
+    )
+    trainer.fit(module, loader)
+    path = folder / "drdm.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+def write_inputs(folder: Path) -> Path:
+    """A 3D stack with ``X_gt`` label (oblique, anisotropic affine) and a 2D image with labels/."""
+    angle = 0.3
+    affine = np.array(
+        [
+            [1.2 * np.cos(angle), -1.2 * np.sin(angle), 0.0, -20.0],
+            [0.9 * np.sin(angle), 0.9 * np.cos(angle), 0.0, 15.0],
+            [0.0, 0.0, 4.0, 7.5],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    volume, volume_label = _blob_volume((SIZE, 28, 3), seed=1)
+    save_nifti(folder / "stack.nii.gz", volume, affine)
+    save_nifti(folder / "stack_gt.nii.gz", volume_label, affine)
+    image, label = _blob_volume((SIZE, SIZE), seed=2)
+    save_nifti(folder / "slice.nii.gz", image, np.diag([0.8, 0.8, 1.0, 1.0]))
+    save_nifti(folder / "labels" / "slice.nii.gz", label, np.diag([0.8, 0.8, 1.0, 1.0]))
+    return folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Relative path -> voxel bytes of every NIfTI output, plus the manifest rows."""
+    found = {
+        str(p.relative_to(folder)): np.asarray(nib.load(p).dataobj).tobytes()
+        for p in sorted(folder.rglob("*.nii.gz"))
+    }
+    found["manifest"] = (folder / "manifest.csv").read_bytes()
+    return found
+
+
+def _voxel_displacement(field_path: Path, affine: np.ndarray) -> np.ndarray:
+    """Read a written field (mm, world frame) back into voxel units along the array axes."""
+    field = np.asarray(nib.load(field_path).dataobj, dtype=np.float64)  # [X, Y, Z, 1, n]
+    world = np.moveaxis(field[:, :, :, 0, :], -1, 0)  # [n, X, Y, Z]
+    n = world.shape[0]
+    linear = affine[:n, :n]
+    voxels = np.einsum("ij,j...->i...", np.linalg.inv(linear), world)
+    return voxels
+
+
+def test_augment_cli_writes_geometry_preserving_outputs(checkpoint, inputs, tmp_path):
+    output = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(REPO / "src" / "augment.py"),
+        f"ckpt_path={checkpoint}",
+        f"input={inputs}",
+        f"output_dir={output}",
+        f"num_samples={NUM_SAMPLES}",
+        "seed=5",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rows = list(csv.DictReader(open(output / "manifest.csv")))
+    assert sorted((r["input"], int(r["k"])) for r in rows) == [
+        (stem, k) for stem in ("slice", "stack") for k in range(NUM_SAMPLES)
+    ]
+    for row in rows:
+        source = inputs / f"{row['input']}.nii.gz"
+        source_image = nib.load(source)
+        source_label = nib.load(
+            inputs / "stack_gt.nii.gz"
+            if row["input"] == "stack"
+            else inputs / "labels" / "slice.nii.gz"
+        )
+        name = f"{row['input']}_{row['k']}.nii.gz"
+        sample = nib.load(output / "image" / name)
+        label = nib.load(output / "label" / name)
+        field = nib.load(output / "field" / name)
+        for written in (sample, label, field):
+            np.testing.assert_array_equal(written.affine, source_image.affine)
+        assert sample.shape == source_image.shape and label.shape == source_image.shape
+        assert set(np.unique(label.get_fdata())) <= set(np.unique(source_label.get_fdata()))
+        assert int(field.header["intent_code"]) == 1006
+        ndims = len(source_image.shape)
+        assert field.shape == (*source_image.shape, *([1] * (3 - ndims)), 1, ndims)
+
+        # the field, read back and applied to the input, reproduces the written sample
+        voxels = _voxel_displacement(output / "field" / name, source_image.affine)
+        original = torch.from_numpy(source_image.get_fdata().astype(np.float32))
+        if ndims == 3:  # a 2D model on a stack works slice by slice: in-plane field only
+            assert np.abs(voxels[2]).max() < 1e-4
+            slices = original.permute(2, 0, 1)[:, None]
+            displacement = torch.from_numpy(voxels[:2].astype(np.float32)).permute(3, 0, 1, 2)
+            rewarped = warp(slices, displacement, mode="bicubic")[:, 0].permute(1, 2, 0)
+        else:
+            displacement = torch.from_numpy(voxels[:, :, :, 0].astype(np.float32))[None]
+            rewarped = warp(original[None, None], displacement, mode="bicubic")[0, 0]
+        # the manifest's statistics describe the written field (slice mode: mean over slices)
+        folding = float(folding_ratio(displacement.double()).mean())
+        assert float(row["folding_ratio"]) == pytest.approx(folding, abs=1e-3)
+        assert folding < 0.01
+        expected = torch.from_numpy(sample.get_fdata().astype(np.float32))
+        torch.testing.assert_close(rewarped, expected, atol=2e-3 * float(original.max()), rtol=0)
+        assert float(row["max_displacement_mm"]) > 0
+        world_length = np.linalg.norm(field.get_fdata()[..., 0, :], axis=-1)
+        assert float(row["max_displacement_mm"]) == pytest.approx(world_length.max(), rel=1e-3)
+
+
+def test_same_seed_same_files_and_interrupted_rerun_completes_them(
+    checkpoint, inputs, tmp_path, monkeypatch
+):
+    complete = tmp_path / "complete"
+    first = augment(checkpoint, inputs, complete, num_samples=NUM_SAMPLES, seed=11, device="cpu")
+    assert first == {"inputs": 2, "generated": 2 * NUM_SAMPLES, "skipped": 0}
+
+    # interrupt a second run while it writes the field of its second sample
+    interrupted = tmp_path / "interrupted"
+    write_field = augment_files.write_displacement_field
+    calls = {"n": 0}
+
+    def failing_write(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return write_field(*args, **kwargs)
+
+    monkeypatch.setattr(augment_files, "write_displacement_field", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        augment(checkpoint, inputs, interrupted, num_samples=NUM_SAMPLES, seed=11, device="cpu")
+    monkeypatch.setattr(augment_files, "write_displacement_field", write_field)
+    finished_rows = list(csv.DictReader(open(interrupted / "manifest.csv")))
+    assert len(finished_rows) == 1
+
+    rerun = augment(checkpoint, inputs, interrupted, num_samples=NUM_SAMPLES, seed=11, device="cpu")
+    assert rerun["generated"] == 2 * NUM_SAMPLES - 1 and rerun["skipped"] == 1
+    assert _files(interrupted) == _files(complete)
+    assert not [p for p in interrupted.rglob(".*") if p.is_file()]  # no temporaries left
+
+    again = augment(checkpoint, inputs, interrupted, num_samples=NUM_SAMPLES, seed=11, device="cpu")
+    assert again["generated"] == 0
+
+    other_seed = augment(checkpoint, inputs, tmp_path / "seed12", num_samples=1, seed=12)
+    assert other_seed["generated"] == 2
+    assert (
+        _files(tmp_path / "seed12")["image/slice_0.nii.gz"]
+        != _files(complete)["image/slice_0.nii.gz"]
+    )
+
+
+def test_bad_inputs_are_refused_with_their_names(checkpoint, inputs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        augment(tmp_path / "missing.ckpt", inputs, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="no NIfTI"):
+        (tmp_path / "empty").mkdir()
+        augment(checkpoint, tmp_path / "empty", tmp_path / "out")
+    bad = tmp_path / "bad"
+    image, _ = _blob_volume((SIZE, SIZE), seed=3)
+    save_nifti(bad / "case.nii.gz", image, np.eye(4))
+    save_nifti(bad / "case_gt.nii.gz", np.zeros((SIZE, SIZE - 2), np.int16), np.eye(4))
+    with pytest.raises(ValueError, match="case_gt.nii.gz"):
+        augment(checkpoint, bad, tmp_path / "out")
+
+
+def test_reference_checkpoint_generates_unfolded_acdc_samples(reference_dir):
+    # recovery from t0 (48 network calls instead of 80) keeps this test affordable on a CPU
+    drdm = DRDM.load(reference_dir / "cmr_recresacnet_reference.pth", start_step="t0")
+    volume = nib.load(reference_dir / "acdc_patient001_frame01.nii.gz").get_fdata()
+    labels = nib.load(reference_dir / "acdc_patient001_frame01_gt.nii.gz").get_fdata()
+    image = torch.from_numpy(volume[:, :, 5].astype(np.float32))
+    label = torch.from_numpy(np.rint(labels[:, :, 5]).astype(np.int64))
+    out = drdm.generate(image, label, num_samples=1, seed=0)
+    assert out.image.shape == (1, 1, *image.shape) and out.displacement.shape == (
+        1,
+        2,
+        *image.shape,
+    )
+    assert out.t0.tolist() == [48]  # the reference schedule's first t0
+    assert float(folding_ratio(out.displacement)) < 0.01
+    assert float(out.displacement.abs().max()) > 5.0  # the sample is really deformed
+    assert set(out.label.unique().tolist()) <= {0, 1, 2, 3}
+    assert (out.label > 0).sum() > 0.5 * (label > 0).sum()  # the heart is still there
+    rewarped = warp(image[None, None], out.displacement, "bicubic")
+    torch.testing.assert_close(rewarped, out.image)

@@ -1,0 +1,79 @@
+"""Smoke runs of the benchmark scripts (``--quick``): they run end to end and write their report.
+
+No timing assertions: the numbers depend on the machine. The scripts import each other by name
+(``python experiments/benchmarks/<name>.py`` puts their folder on ``sys.path``), so the folder is
+prepended here the same way.
+"""
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return lambda name: importlib.import_module(name)
+
+
+def _table_rows(report: str) -> list[list[str]]:
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
+
+
+def test_deformation_benchmark_quick(benchmarks, tmp_path):
+    output = tmp_path / "deformation.md"
+    benchmarks("deformation").main(["--quick", "--cases", "2d-32-b2", "--output", str(output)])
+    report = output.read_text()
+    assert "Machine: CPU" in report
+    rows = _table_rows(report)
+    assert [row[1] for row in rows] == ["1", "20", "48", "79"]
+    for row in rows:
+        ours, loop = float(row[2]), float(row[3])
+        assert ours > 0 and loop > 0
+        # the printed ratio is that of the times, within the rounding of all three numbers
+        ratio = float(row[4].rstrip("x"))
+        low, high = (loop - 5e-4) / (ours + 5e-4), (loop + 5e-4) / max(ours - 5e-4, 1e-9)
+        assert low - 0.05 <= ratio <= high + 0.05
+    # the fields grow with t, for both methods
+    mean_ours = [float(row[7].rstrip("%")) for row in rows]
+    assert mean_ours == sorted(mean_ours) and mean_ours[-1] > 0
+
+
+def test_deformation_benchmark_rejects_unknown_case(benchmarks, tmp_path):
+    with pytest.raises(ValueError, match="unknown cases.*3d-999"):
+        benchmarks("deformation").main(["--quick", "--cases", "3d-999"])
+
+
+def test_training_benchmark_quick(benchmarks, tmp_path):
+    output = tmp_path / "training.md"
+    benchmarks("training").main(["--quick", "--output", str(output)])
+    rows = _table_rows(output.read_text())
+    assert [row[1] for row in rows] == [
+        "reference recipe (loop field, batch 1, fp32)",
+        "ours fp32",
+    ]
+    assert rows[0][2] == "1" and rows[0][4] == "1.00x"
+    assert all(float(row[3]) > 0 for row in rows)
+
+
+def test_generation_benchmark_quick(benchmarks, tmp_path):
+    output = tmp_path / "generation.md"
+    benchmarks("generation").main(["--quick", "--output", str(output)])
+    report = output.read_text()
+    rows = _table_rows(report)
+    assert rows[0][0].startswith("reference procedure") and rows[0][1] == "1"
+    assert rows[1][0].startswith("ours") and rows[1][1] == "2"
+    # same network, seeds and t0: the batched fields equal the one-at-a-time ones
+    assert float(rows[1][6]) < 1e-3
+    assert re.search(r"recovered from step 7 \(8 network calls\)", report)
+
+
+def test_generation_benchmark_missing_checkpoint(benchmarks, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such.pth"):
+        benchmarks("generation").main(["--checkpoint", str(tmp_path / "no-such.pth")])
