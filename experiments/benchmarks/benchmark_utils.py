@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
-import platform
 import resource
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from drdm.utils.atomic import write_text_atomic
+from drdm.utils.machine import machine_description  # noqa: F401 (re-exported for the benchmarks)
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -102,27 +102,6 @@ def memory_note(device: str | torch.device) -> str:
     )
 
 
-def machine_description(device: str | torch.device) -> str:
-    """One line: CPU model, cores, torch threads, load, torch / Python versions, GPU if used."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    parts = [
-        f"CPU: {cpu}, {os.cpu_count()} logical cores visible, torch threads "
-        f"{torch.get_num_threads()}",
-        f"load average at start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
-        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()}",
-    ]
-    if torch.device(device).type == "cuda":
-        parts.insert(0, f"GPU: {torch.cuda.get_device_name()}")
-    return "; ".join(parts)
-
-
 def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> list:
     """Markdown table lines; ``align``: one character per column, ``l`` or ``r``."""
     align = align or "l" + "r" * (len(header) - 1)
@@ -133,12 +112,8 @@ def markdown_table(header: list[str], rows: list[list[str]], align: str | None =
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(text)
-    os.chmod(tmp.name, 0o644)  # temporary files are private; a report is not
-    os.replace(tmp.name, path)
+    """Write a report atomically and say where."""
+    write_text_atomic(path, text)
     print(f"wrote {path}")
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -37,6 +36,8 @@ TRAIN = ROOT / "src" / "train.py"
 sys.path.insert(0, str(HERE))
 
 from aggregate import aggregate, write_text_atomic  # noqa: E402
+
+from drdm.utils.machine import machine_description  # noqa: E402
 
 # quiet, single-threaded jobs: the rich progress bar floods a log file and threads oversubscribe
 # a shared CPU
@@ -129,20 +130,7 @@ def _checkpoint_loss(path: Path) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs visible, {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
-    )
+    return machine_description()
 
 
 def shown(command: list[str]) -> str:
