@@ -153,6 +153,10 @@ class RecoveryNet(nn.Module):
             steps = steps.expand(batch)
         if steps.shape != (batch,):
             raise ValueError(f"t must have shape [{batch}] (one step per image), got {steps.shape}")
+        if steps.device.type != "cpu" or torch.compiler.is_compiling():
+            # reading the values would force a host sync on every call of the training step;
+            # steps on an accelerator come from the modules' own in-range draws
+            return steps.long()
         low, high = int(steps.min()), int(steps.max())
         if low < 0 or high >= self.timesteps:
             raise ValueError(
