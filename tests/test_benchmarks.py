@@ -67,10 +67,16 @@ def test_generation_benchmark_quick(benchmarks, tmp_path):
     benchmarks("generation").main(["--quick", "--output", str(output)])
     report = output.read_text()
     rows = _table_rows(report)
-    assert rows[0][0].startswith("reference procedure") and rows[0][1] == "1"
-    assert rows[1][0].startswith("ours") and rows[1][1] == "2"
-    # same network, seeds and t0: the batched fields equal the one-at-a-time ones
-    assert float(rows[1][6]) < 1e-3
+    assert [row[0] for row in rows] == [
+        "reference procedure (one sample at a time)",
+        "ours, `DRDM.generate` fp32",
+        "ours, reference procedure batched",
+    ]
+    assert [row[1] for row in rows] == ["1", "2", "2"]  # batch
+    assert [row[2] for row in rows] == ["0", "4", "0"]  # margin: the default is M // 8
+    assert rows[0][5] == "1.00x" and all(float(row[3]) > 0 for row in rows)
+    # same network, fields, seeds and t0: the batched fields equal the one-at-a-time ones
+    assert float(rows[2][8]) < 1e-3
     assert re.search(r"recovered from step 7 \(8 network calls\)", report)
 
 

@@ -49,6 +49,7 @@ from torch import nn
 
 from drdm.deform import RandomDeformation
 from drdm.models import DRDMModule
+from drdm.utils.machine import cpu_bf16_flags
 
 # batch: samples per step of ours; schedule: overrides of both generators (quick runs only)
 CASES = {
@@ -266,6 +267,14 @@ def write_report(
         ),
         "",
     ]
+    bf16_rows = any(row["precision"] == "bf16" for row in rows)
+    if bf16_rows and torch.device(device).type == "cpu" and cpu_bf16_flags() == []:
+        lines += [
+            "This CPU has no native bf16 instructions (no `avx512_bf16` / `amx_bf16` flag): "
+            "torch emulates bf16 arithmetic here, so the bf16 rows measure the emulation and "
+            "say nothing about bf16 on a GPU.",
+            "",
+        ]
     if failures:
         lines += ["Failed configurations (caught, not fatal):", "", *failures, ""]
     if skipped:

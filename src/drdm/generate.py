@@ -134,9 +134,7 @@ class DRDM:
         margin: int | None = None,
         margin_padding: str = "reflect",
     ) -> None:
-        self.memory_format = (
-            torch.channels_last if len(image_size) == 2 else (torch.channels_last_3d)
-        )
+        self.memory_format = torch.channels_last if len(image_size) == 2 else torch.channels_last_3d
         # channels-last convolutions: about a third less CPU time for the recovery chain
         # (measured with the authors' RecResACNet at 320^2), and the layout cuDNN prefers
         self.net = net.eval().to(memory_format=self.memory_format)

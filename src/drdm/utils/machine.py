@@ -9,15 +9,31 @@ from pathlib import Path
 import torch
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from ``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` of ``/proc/cpuinfo`` (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == name:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from ``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_bf16_flags() -> list[str] | None:
+    """The CPU's native bf16 instruction sets (``avx512_bf16``, ``amx_bf16``); None if unknown.
+
+    Without them torch runs bf16 arithmetic on the CPU emulated, far slower than fp32.
+    """
+    flags = _cpuinfo_field("flags")
+    if flags is None:
+        return None
+    return [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags.split()]
 
 
 def machine_description(device: str | torch.device | None = None) -> str:
