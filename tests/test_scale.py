@@ -24,6 +24,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf, open_dict
 
 from drdm.utils.training import (
@@ -233,6 +234,9 @@ def test_multinode_config_picks_up_the_slurm_environment(tmp_path, monkeypatch):
     }
     for name, value in slurm.items():
         monkeypatch.setenv(name, value)
+    # the Trainer below sets Lightning's process-wide rank (3): restore it afterwards, or every
+    # later Trainer in this process would act as a non-zero rank (dummy loggers, no files)
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     overrides = [
         "hardware=multinode",
         "hardware.accelerator=cpu",

@@ -260,7 +260,7 @@ class DRDMModule(L.LightningModule):
     def _log_figure(self, image: torch.Tensor) -> None:
         """Generate one sample from ``image`` ``[1, 1, *S]``, save a PNG, hand it to the logger."""
         from drdm.deform import jacobian_determinant
-        from drdm.utils.figures import recovery_figure
+        from drdm.utils.figures import log_image, recovery_figure
 
         t0_value = self.hparams.figure_t0
         if t0_value is None:
@@ -302,16 +302,3 @@ class DRDMModule(L.LightningModule):
     def inference_copy(self) -> torch.nn.Module:
         """A detached copy of the inference network in eval mode (for generation)."""
         return copy.deepcopy(self.inference_net).eval()
-
-
-def log_image(loggers: list, key: str, path: Path, step: int) -> None:
-    """Send a saved PNG to each logger that takes images (wandb, tensorboard); csv keeps files."""
-    for logger in loggers:
-        name = type(logger).__name__
-        if name == "WandbLogger":
-            logger.log_image(key=key, images=[str(path)], step=step)
-        elif name == "TensorBoardLogger":
-            import matplotlib.image
-
-            pixels = matplotlib.image.imread(str(path))[..., :3]
-            logger.experiment.add_image(key, pixels, global_step=step, dataformats="HWC")

@@ -11,7 +11,9 @@ their mean): Dice, sensitivity, precision, HD95 in mm (spacing from the batch), 
 ``{stage}/{metric}_{class}`` and ``{stage}/{metric}_mean``, e.g. ``test/dice_mean``. After the
 test epoch the values (and per-sample rows) are also written to ``test_metrics.json`` in the
 trainer's ``default_root_dir`` so sweeps can be aggregated without a logger. A figure of images,
-ground truth and predictions is logged every ``figure_every_n_epochs`` validation epochs.
+ground truth and predictions is saved every ``figure_every_n_epochs`` validation epochs as
+``figures/predictions_epochNNN.png`` in the ``default_root_dir`` and sent to the image-capable
+loggers (wandb, TensorBoard).
 """
 
 from __future__ import annotations
@@ -215,6 +217,8 @@ class SegmentationModule(L.LightningModule):
             and self._figure_batch is not None
             and not self.trainer.sanity_checking
             and (self.current_epoch + 1) % every == 0
+            # one figure per run under DDP, from rank 0's first validation batch
+            and self.trainer.is_global_zero
         ):
             self._log_figure()
         self._figure_batch = None
@@ -253,26 +257,17 @@ class SegmentationModule(L.LightningModule):
         write_json_atomic(path, document)
 
     def _log_figure(self) -> None:
-        figure = prediction_figure(**self._figure_batch, class_names=self.class_names)
-        title = f"val/predictions_epoch{self.current_epoch + 1:03d}"
-        logged = False
-        for logger in self.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_figure"):  # TensorBoard
-                experiment.add_figure("val/predictions", figure, self.global_step)
-                logged = True
-            elif hasattr(logger, "log_image"):  # Weights & Biases
-                import wandb
-
-                logger.log_image("val/predictions", [wandb.Image(figure)], step=self.global_step)
-                logged = True
-        if not logged:  # no image-capable logger: keep the figure as a file beside the run
-            path = Path(self.trainer.default_root_dir) / "figures" / f"{title.split('/')[-1]}.png"
-            save_figure_atomic(figure, path, dpi=80)
-        figure.clear()
+        """Save the prediction figure as a PNG beside the run and hand it to the loggers."""
         import matplotlib.pyplot as plt
 
+        from drdm.utils.figures import log_image
+
+        figure = prediction_figure(**self._figure_batch, class_names=self.class_names)
+        name = f"predictions_epoch{self.current_epoch + 1:03d}.png"
+        path = Path(self.trainer.default_root_dir) / "figures" / name
+        save_figure_atomic(figure, path, dpi=80)
         plt.close(figure)
+        log_image(self.loggers, "val/predictions", path, self.global_step)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(

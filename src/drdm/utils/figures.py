@@ -82,3 +82,16 @@ def recovery_figure(
         return save_figure_atomic(fig, path, dpi=100)
     finally:
         plt.close(fig)
+
+
+def log_image(loggers: list, key: str, path: Path, step: int) -> None:
+    """Send a saved PNG to each logger that takes images (wandb, tensorboard); csv keeps files."""
+    for logger in loggers:
+        name = type(logger).__name__
+        if name == "WandbLogger":
+            logger.log_image(key=key, images=[str(path)], step=step)
+        elif name == "TensorBoardLogger":
+            import matplotlib.image
+
+            pixels = matplotlib.image.imread(str(path))[..., :3]
+            logger.experiment.add_image(key, pixels, global_step=step, dataformats="HWC")
