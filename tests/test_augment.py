@@ -228,6 +228,52 @@ def test_same_seed_same_files_and_interrupted_rerun_completes_them(
     )
 
 
+def test_generation_runs_in_fixed_blocks_and_a_resumed_run_regenerates_whole_blocks(
+    checkpoint, inputs, tmp_path, monkeypatch
+):
+    """Samples are generated in fixed groups (the float rounding of a network call depends on
+    its batch): a resumed run regenerates the interrupted block whole and so writes exactly the
+    files of an uninterrupted run."""
+    assert augment_files.sample_blocks(5, 2) == [[0, 1], [2, 3], [4]]
+    assert augment_files.sample_blocks(2, 0) == [[0], [1]]
+    calls = []
+    generate = DRDM.generate
+
+    def recording_generate(self, *args, **kwargs):
+        calls.append(list(kwargs["sample_indices"]))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(DRDM, "generate", recording_generate)
+    options = {"batch_size": 2}  # 2D slice: 2 samples per call; 3-slice stack: 1 per call
+    complete = tmp_path / "complete"
+    augment(checkpoint, inputs, complete, num_samples=3, seed=4, device="cpu", drdm_options=options)
+    assert calls == [[0, 1], [2], [0], [1], [2]]  # slice, then stack
+
+    write_field = augment_files.write_displacement_field
+    writes = {"n": 0}
+
+    def failing_write(*args, **kwargs):
+        writes["n"] += 1
+        if writes["n"] == 2:  # while writing slice_1: slice_0 is finished, its block is not
+            raise KeyboardInterrupt("simulated interruption")
+        return write_field(*args, **kwargs)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(augment_files, "write_displacement_field", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        augment(
+            checkpoint, inputs, resumed, num_samples=3, seed=4, device="cpu", drdm_options=options
+        )
+    monkeypatch.setattr(augment_files, "write_displacement_field", write_field)
+    calls.clear()
+    summary = augment(
+        checkpoint, inputs, resumed, num_samples=3, seed=4, device="cpu", drdm_options=options
+    )
+    assert summary["generated"] == 5 and summary["skipped"] == 1
+    assert calls == [[0, 1], [2], [0], [1], [2]]  # block [0, 1] again, only slice_1 written
+    assert _files(resumed) == _files(complete)
+
+
 def test_bad_inputs_are_refused_with_their_names(checkpoint, inputs, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         augment(tmp_path / "missing.ckpt", inputs, tmp_path / "out")

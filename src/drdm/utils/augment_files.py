@@ -147,6 +147,18 @@ def _array_mode(array: np.ndarray, drdm: DRDM, path: Path) -> np.ndarray:
     return array
 
 
+def sample_blocks(num_samples: int, samples_per_call: int) -> list[list[int]]:
+    """Fixed groups of sample indices ``k`` that go through the network together.
+
+    The recovery chain amplifies float rounding, and convolution kernels round differently for
+    different batch compositions, so a sample is only reproducible bit for bit when it is
+    generated with the same companions. Blocks ``[0, n), [n, 2n), ...`` are the unit of work:
+    a resumed run regenerates a whole block and writes only its missing samples.
+    """
+    n = max(1, int(samples_per_call))
+    return [list(range(start, min(start + n, num_samples))) for start in range(0, num_samples, n)]
+
+
 def augment_case(
     drdm: DRDM,
     case: InputCase,
@@ -157,17 +169,20 @@ def augment_case(
     t0=None,
     slice_axis: int = 2,
 ) -> int:
-    """Generate the unfinished samples of one input; returns how many were generated."""
+    """Generate the unfinished samples of one input, block by block (:func:`sample_blocks`),
+    writing each block's files before the next is generated; returns how many were written."""
     stem = case.stem
     labelled = case.label is not None
-    pending = [
+    pending = {
         k
         for k in range(num_samples)
         if not _finished(_outputs(output_dir, stem, k, labelled), manifest.get((stem, k)))
-    ]
+    }
     if not pending:
         log.info("%s: all %d samples already done", stem, num_samples)
         return 0
+    if t0 is not None and not np.isscalar(t0) and len(t0) != num_samples:
+        raise ValueError(f"t0 has {len(t0)} values but num_samples is {num_samples}")
     image, affine = load_nifti(case.image, dtype=np.float32)
     image = _array_mode(image, drdm, case.image)
     label = None
@@ -178,24 +193,13 @@ def augment_case(
         label_dtype = nib.load(str(case.label)).get_data_dtype()  # written back the same way
     # one seed per input name: results do not depend on the other inputs or their order
     input_seed = mix_seed(seed, zlib.crc32(stem.encode()))
-    t0_values = None
-    if t0 is not None:
-        if np.isscalar(t0):
-            t0_values = [int(t0)] * len(pending)
-        elif len(t0) != num_samples:
-            raise ValueError(f"t0 has {len(t0)} values but num_samples is {num_samples}")
-        else:
-            t0_values = [int(t0[k]) for k in pending]
-    result = drdm.generate(
-        torch.from_numpy(image),
-        None if label is None else torch.from_numpy(label),
-        num_samples=num_samples,
-        t0=t0_values,
-        seed=input_seed,
-        sample_indices=pending,
-        slice_axis=slice_axis,
-    )
-    for row, k in enumerate(pending):
+    # network rows per sample: the slices of a stack for a 2D model, else one image
+    rows = image.shape[slice_axis] if image.ndim > drdm.ndims else 1
+    image_tensor = torch.from_numpy(image)
+    label_tensor = None if label is None else torch.from_numpy(label)
+
+    def write(result, row: int, k: int) -> None:
+        """Sample ``k`` (row ``row`` of ``result``): image, label, field, then its manifest row."""
         paths = _outputs(output_dir, stem, k, labelled)
         field = result.displacement[row].cpu().double()  # [n, *S] voxels along the array axes
         # outputs copy the input's header geometry verbatim (sform/qform, codes, pixdim)
@@ -222,7 +226,28 @@ def augment_case(
         }
         # the row is what marks the sample finished: written only after its files
         _write_manifest(output_dir / "manifest.csv", manifest)
-    return len(pending)
+
+    written = 0
+    for block in sample_blocks(num_samples, drdm.batch_size // rows):
+        if pending.isdisjoint(block):
+            continue
+        t0_values = None
+        if t0 is not None:
+            t0_values = [int(t0)] * len(block) if np.isscalar(t0) else [int(t0[k]) for k in block]
+        result = drdm.generate(
+            image_tensor,
+            label_tensor,
+            num_samples=num_samples,
+            t0=t0_values,
+            seed=input_seed,
+            sample_indices=block,
+            slice_axis=slice_axis,
+        )
+        for row, k in enumerate(block):
+            if k in pending:
+                write(result, row, k)
+                written += 1
+    return written
 
 
 def augment(
