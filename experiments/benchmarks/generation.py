@@ -64,26 +64,24 @@ DEFAULT_IMAGE = REFERENCE_DIR / "cmr_unlabelled_162867.nii.gz"
 AUTHORS_SECONDS_PER_SAMPLE = 8.8  # their code, 256 x 256, 2 CPU threads
 
 
-# the authors' forward process exactly (their loop, units and v_scale)
-AUTHORS_SCHEDULE = {"integrator": "reference", "v_scale": 4.0e-5, "refinement": 1}
-
-
 def load_models(checkpoint: str, size: int, device: str, schedule: dict) -> tuple[DRDM, DRDM]:
-    """``(reference, ours)`` on the same network: the authors' fields without a margin, and the
-    shipped defaults. ``checkpoint="none"``: a random RecResACNet; ``schedule``: overrides for
-    smoke runs (fewer steps, a smaller grid)."""
+    """``(reference, ours)`` sharing one network: ``ours`` as shipped (``DRDM.load``), and the
+    authors' procedure: their forward fields (``RandomDeformation``'s defaults with
+    ``integrator="reference"``, as in ``deformation.py``) and no margin.
+
+    ``checkpoint="none"``: a random RecResACNet; ``schedule``: overrides of both forward processes
+    for smoke runs (fewer steps, a smaller grid).
+    """
     if checkpoint == "none":
         torch.manual_seed(0)
         net = RecResACNet(ndims=2, timesteps=schedule.get("timesteps", 80))
-        reference_fields = RandomDeformation(ndims=2, integrator="reference", **schedule)
-        reference = DRDM(net, reference_fields, (size, size), margin=0)
         ours = DRDM(net, RandomDeformation(ndims=2, **schedule), (size, size))
-    elif Path(checkpoint).suffix == ".ckpt":  # a drdm model: its own fields in both
-        reference = DRDM.load(checkpoint, margin=0)
-        ours = DRDM.load(checkpoint)
     else:
-        reference = DRDM.load(checkpoint, schedule=AUTHORS_SCHEDULE, margin=0)
         ours = DRDM.load(checkpoint)
+    authors_fields = RandomDeformation(
+        ndims=ours.ndims, integrator="reference", **{"timesteps": ours.timesteps, **schedule}
+    )
+    reference = DRDM(ours.net, authors_fields, ours.image_size, margin=0)
     return reference.to(device), ours.to(device)
 
 

@@ -335,13 +335,15 @@ class DRDM:
         image's edges instead of folding there.
         """
         if self.margin == 0:
-            canvas = images.contiguous(memory_format=self.memory_format)
-            return recover(self.net, canvas, diffused, first)
-        pad = [self.margin] * (2 * self.ndims)
-        canvas = F.pad(images, pad, mode=self.margin_padding)
+            canvas, field = images, diffused
+        else:
+            pad = [self.margin] * (2 * self.ndims)
+            canvas = F.pad(images, pad, mode=self.margin_padding)
+            field = F.pad(diffused, pad, mode="replicate")
         canvas = canvas.contiguous(memory_format=self.memory_format)
-        field = F.pad(diffused, pad, mode="replicate")
         recovered = recover(self.net, canvas, field, first)
+        if self.margin == 0:
+            return recovered
         crop = tuple(slice(self.margin, self.margin + n) for n in self.image_size)
         return recovered[(slice(None), slice(None), *crop)]
 
