@@ -6,6 +6,7 @@ prepended here the same way.
 """
 
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -83,3 +84,32 @@ def test_generation_benchmark_quick(benchmarks, tmp_path):
 def test_generation_benchmark_missing_checkpoint(benchmarks, tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such.pth"):
         benchmarks("generation").main(["--checkpoint", str(tmp_path / "no-such.pth")])
+
+
+def test_learning_benchmark_quick(benchmarks, tmp_path):
+    output = tmp_path / "learning.md"
+    benchmarks("learning").main(["--quick", "--output", str(output)])
+    report = output.read_text()
+    assert "Machine: CPU" in report
+    rows = _table_rows(report)
+    # summary rows first (one per recipe), then the curve rows starting at 0 samples
+    assert [row[0] for row in rows[:2]] == ["drdm", "reference"]
+    curve = [row for row in rows[2:] if row[0].isdigit()]
+    assert curve[0][0] == "0"
+    errors = [float(cell) for row in curve for cell in (row[1], row[3]) if cell]
+    assert errors and all(0.0 < error < 2.0 for error in errors)
+    assert (tmp_path / "learning.png").stat().st_size > 0
+    assert set(json.loads((tmp_path / "learning.json").read_text())) == {"drdm", "reference"}
+
+
+def test_learning_benchmark_interpolates_the_samples_to_a_level(benchmarks):
+    learning = benchmarks("learning")
+    points = [
+        {"samples": 0, "seconds": 0, "recovery_error": 1.0},
+        {"samples": 100, "seconds": 10, "recovery_error": 0.8},
+        {"samples": 200, "seconds": 30, "recovery_error": 0.6},
+    ]
+    assert learning.samples_to_reach(points, 0.7, "samples") == pytest.approx(150)
+    assert learning.samples_to_reach(points, 0.7, "seconds") == pytest.approx(20)
+    assert learning.samples_to_reach(points, 0.5, "samples") is None
+    assert learning.samples_to_reach(points, 1.0, "samples") == 0

@@ -146,3 +146,14 @@ def test_three_dimensional_module_trains_a_step(tmp_path):
     trainer = _fit(module, tmp_path, steps=1, size=16, ndims=3)
     assert trainer.global_step == 1
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+def test_ema_warm_up_follows_early_and_averages_late():
+    from drdm.models.drdm_module import _warmed_up_ema
+
+    average = _warmed_up_ema(0.999)
+    early = average(torch.zeros(()), torch.ones(()), torch.tensor(1))
+    late = average(torch.zeros(()), torch.ones(()), torch.tensor(100_000))
+    # after one update the weight of the new value is 1 - 2/11; late it is 1 - decay
+    assert float(early) == pytest.approx(9 / 11)
+    assert float(late) == pytest.approx(0.001)

@@ -125,3 +125,51 @@ def test_bad_shapes_raise_value_error():
         relative_squared_error(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 9))
     with pytest.raises(ValueError):
         smoothness_l1(torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("reduction", ["voxel", "sample", "batch"])
+def test_every_rse_reduction_is_zero_for_recovery_and_one_for_none(reduction):
+    target = torch.cat([smooth_field((16, 16), seed=s) for s in range(3)])
+    assert relative_squared_error(-target, target, reduction=reduction) < 1e-6
+    none = relative_squared_error(torch.zeros_like(target), target, reduction=reduction)
+    assert none == pytest.approx(1.0, 1e-3)
+
+
+def test_batch_rse_weighs_samples_by_target_energy_and_sample_rse_does_not():
+    big, small = smooth_field((16, 16), seed=0), 0.1 * smooth_field((16, 16), seed=1)
+    target = torch.cat([big, small])
+    # recover the big sample exactly, the small one not at all
+    recovered = torch.cat([-big, torch.zeros_like(small)])
+    per_sample = relative_squared_error(recovered, target, reduction="sample")
+    assert per_sample == pytest.approx(0.5, 1e-3)
+    energy = small.square().sum() / (big.square().sum() + small.square().sum())
+    batch = relative_squared_error(recovered, target, reduction="batch")
+    assert batch == pytest.approx(float(energy), rel=1e-3)
+
+
+def test_batch_rse_of_a_zero_target_asks_for_no_motion_without_blowing_up():
+    target = torch.cat([smooth_field((16, 16)), torch.zeros(1, 2, 16, 16)])
+    moved = torch.cat([-target[:1], torch.full((1, 2, 16, 16), 0.1)])
+    voxel = relative_squared_error(moved, target, reduction="voxel")
+    batch = relative_squared_error(moved, target, reduction="batch")
+    assert 0 < batch < 1 < voxel
+
+
+def test_unknown_rse_reduction_is_refused():
+    target = smooth_field((8, 8))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        relative_squared_error(target, target, reduction="mean")
+
+
+def test_recovery_error_metric_sums_over_batches():
+    from drdm.metrics.recovery import RecoveryError
+
+    target = torch.cat([smooth_field((16, 16), seed=s) for s in range(4)])
+    recovered = -0.5 * target
+    metric = RecoveryError()
+    metric.update(recovered[:1], target[:1])
+    metric.update(recovered[1:], target[1:])
+    # q = -d / 2 leaves half of every vector: sqrt(1/4)
+    assert float(metric.compute()) == pytest.approx(0.5, 1e-4)
+    with pytest.raises(ValueError, match="must be equal"):
+        metric.update(recovered[:, :1], target)

@@ -2,12 +2,15 @@
 
 One command::
 
-    python experiments/fewshot/run.py [--drdm-ckpt PATH] [--strategies none,bigaug,drdm_cpu]
-        [--n-labelled 1,5] [--seeds 0,1,2] [--epochs 40] [--output DIR] [-- HYDRA_OVERRIDES ...]
+    python experiments/fewshot/run.py [--drdm-ckpt PATH | --train-drdm]
+        [--strategies none,bigaug,drdm_cpu] [--n-labelled 1,5] [--seeds 0,1,2] [--epochs 40]
+        [--output DIR] [-- HYDRA_OVERRIDES ...]
 
-1. Trains the small DRDM the ``drdm*`` strategies need (``src/train.py`` on the embedded default
-   data, ``--drdm-epochs`` epochs, with the experiment's validation / test groups held out),
-   unless ``--drdm-ckpt`` gives one to reuse (needed for experiments on other data).
+1. The ``drdm*`` strategies use the packaged DRDM (``drdm.pretrained``, trained on the embedded
+   data's training slabs: the few-shot validation and test slabs never seen), or
+   ``--drdm-ckpt PATH`` (needed for experiments on other data); ``--train-drdm`` trains a small
+   one first (``src/train.py``, ``--drdm-epochs`` epochs, the experiment's validation / test
+   groups held out).
 2. Runs the Hydra multirun sweep ``src/train.py -m experiment=default_fewshot
    augmentation=<strategies> data.n_labelled=<n> seed=<seeds>`` in a subprocess (1 torch thread
    per job), each job testing its best checkpoint on the fixed test slabs.
@@ -88,7 +91,7 @@ def drdm_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
     ]
 
 
-def sweep_command(args: argparse.Namespace, checkpoint: Path | None, sweep_dir: Path) -> list[str]:
+def sweep_command(args: argparse.Namespace, checkpoint: str | None, sweep_dir: Path) -> list[str]:
     """``src/train.py -m`` command of the few-shot sweep."""
     command = [
         sys.executable,
@@ -159,7 +162,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Few-shot segmentation sweep (none / BigAug / DRDM) with a results table."
     )
-    parser.add_argument("--drdm-ckpt", type=Path, help="reuse this DRDM checkpoint")
+    parser.add_argument(
+        "--drdm-ckpt",
+        default="default",
+        help="DRDM checkpoint of the drdm strategies (default: the packaged model)",
+    )
+    parser.add_argument(
+        "--train-drdm",
+        action="store_true",
+        help="train a small DRDM first (--drdm-epochs ...) instead of using --drdm-ckpt",
+    )
     parser.add_argument("--experiment", default="default_fewshot")
     parser.add_argument("--strategies", default="none,bigaug,drdm_cpu")
     parser.add_argument("--n-labelled", default="1,5")
@@ -185,19 +197,22 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"- Command: `{invocation}`", f"- Started: {stamp} UTC", f"- Machine: {machine()}"]
 
     needs_drdm = any(name.startswith("drdm") for name in args.strategies.split(","))
-    checkpoint = args.drdm_ckpt
-    if checkpoint is not None and not checkpoint.is_file():
-        raise FileNotFoundError(f"--drdm-ckpt: no such file {checkpoint}")
-    if checkpoint is None and needs_drdm:
+    checkpoint = None
+    if needs_drdm and args.train_drdm:
         drdm_dir = args.logs / "fewshot_drdm" / "runs" / stamp
         command = drdm_command(args, drdm_dir)
         seconds = run(command, drdm_dir / "stdout.log")
-        checkpoint = find_checkpoint(drdm_dir)
+        checkpoint = str(find_checkpoint(drdm_dir).resolve())
         lines.append(f"- DRDM training ({seconds / 60:.1f} min): `{shown(command)}`")
-    elif checkpoint is not None:
-        lines.append(f"- DRDM reused: `{shown([str(checkpoint)])}`")
+    elif needs_drdm:
+        from drdm.pretrained import resolve_checkpoint
+
+        if not resolve_checkpoint(args.drdm_ckpt).is_file():
+            raise FileNotFoundError(f"--drdm-ckpt: no such file {args.drdm_ckpt}")
+        # "default" stays a word: DRDM.load reads it as the packaged model
+        checkpoint = args.drdm_ckpt
     if checkpoint is not None:
-        lines.append(f"- DRDM checkpoint: `{shown([str(checkpoint.resolve())])}`")
+        lines.append(f"- DRDM checkpoint: `{shown([checkpoint])}`")
 
     sweep_dir = args.logs / "fewshot" / "sweeps" / stamp
     command = sweep_command(args, checkpoint, sweep_dir)

@@ -1,11 +1,12 @@
 """Registration trained on synthetic pairs vs. real pairs, on the embedded default data (CPU).
 
-    python experiments/registration/run.py [--drdm-ckpt path/to/drdm.ckpt] [--jobs 2]
+    python experiments/registration/run.py [--drdm-ckpt path/to/drdm.ckpt | --train-drdm] [--jobs 2]
 
 One command runs the whole comparison of ``conf/experiment/default_registration.yaml``:
 
-1. trains a small DRDM on the embedded default with ``src/train.py`` (skipped with
-   ``--drdm-ckpt``), the field source of ``synthetic_drdm``;
+1. takes the field source of ``synthetic_drdm``: the packaged DRDM (``drdm.pretrained``,
+   trained on the embedded data's training slabs), ``--drdm-ckpt PATH``, or with
+   ``--train-drdm`` a small DRDM trained first with ``src/train.py``;
 2. trains one registration network per mode with ``src/train.py``: ``unsupervised`` (real
    inter-slab pairs only), ``synthetic_bspline`` (the MRBS baseline) and ``synthetic_drdm``, the
    two synthetic modes alone and ``+real``;
@@ -173,7 +174,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: logs/...)")
     parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--drdm-ckpt", type=Path, default=None, help="skip the DRDM training")
+    parser.add_argument(
+        "--drdm-ckpt",
+        default="default",
+        help="DRDM of synthetic_drdm (default: the packaged model, drdm.pretrained)",
+    )
+    parser.add_argument(
+        "--train-drdm", action="store_true", help="train a small DRDM first instead"
+    )
     parser.add_argument("--drdm-epochs", type=int, default=50)
     parser.add_argument(
         "--evaluate-only",
@@ -241,7 +249,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         drdm_future = None
-        drdm_checkpoint = args.drdm_ckpt.resolve() if args.drdm_ckpt else None
+        drdm_checkpoint = None if args.train_drdm else args.drdm_ckpt
+        if needs_drdm and drdm_checkpoint is not None:
+            from drdm.pretrained import resolve_checkpoint
+
+            if not resolve_checkpoint(drdm_checkpoint).is_file():
+                raise FileNotFoundError(f"--drdm-ckpt: no such file {drdm_checkpoint}")
+            if drdm_checkpoint != "default":
+                drdm_checkpoint = Path(drdm_checkpoint).resolve()
         if needs_drdm and drdm_checkpoint is None:
             # the DRDM trains while the modes that do not need it run
             drdm_future = pool.submit(
@@ -258,7 +273,11 @@ def main(argv: list[str] | None = None) -> Path:
     info = {
         "command": " ".join(["python", "experiments/registration/run.py", *(argv or sys.argv[1:])]),
         "experiment": EXPERIMENT,
-        "drdm_checkpoint": relative(drdm_checkpoint) if drdm_checkpoint else None,
+        "drdm_checkpoint": (
+            drdm_checkpoint
+            if drdm_checkpoint in (None, "default")
+            else relative(Path(drdm_checkpoint))
+        ),
         "run_folder": relative(out),
         "machine": machine(),
         "timings": timings,

@@ -174,7 +174,8 @@ class DRDM:
         schedule: dict | None = None,
         **options,
     ):
-        """Load a Lightning ``.ckpt`` (DRDMModule) or the authors' ``.pth`` (2D, 256 x 256).
+        """Load a Lightning ``.ckpt`` (DRDMModule) or the authors' ``.pth`` (2D, 256 x 256);
+        ``"default"`` is the packaged model for the embedded data (:mod:`drdm.pretrained`).
 
         ``schedule``: ``RandomDeformation`` arguments overriding the forward process of a ``.pth``
         (a ``.ckpt`` keeps the schedule it was trained with). ``options`` are :class:`DRDM`
@@ -184,7 +185,9 @@ class DRDM:
             FileNotFoundError: no file at ``path``.
             ValueError: a ``.ckpt`` without DRDMModule hyper-parameters, or an unknown suffix.
         """
-        path = Path(path)
+        from drdm.pretrained import resolve_checkpoint
+
+        path = resolve_checkpoint(path)
         if not path.is_file():
             raise FileNotFoundError(f"DRDM checkpoint not found: {path}")
         if path.suffix == ".ckpt":

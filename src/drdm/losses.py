@@ -39,19 +39,40 @@ def _check_pair(prediction: torch.Tensor, target: torch.Tensor) -> None:
         )
 
 
+RSE_REDUCTIONS = ("voxel", "sample", "batch")
+
+
 def relative_squared_error(
-    recovered: torch.Tensor, target: torch.Tensor, eps: float = 1e-7
+    recovered: torch.Tensor, target: torch.Tensor, eps: float = 1e-7, reduction: str = "voxel"
 ) -> torch.Tensor:
-    """``mean_x |q + d|^2 / (|d|^2 + eps)``: scalar; 0 when ``q == -d`` exactly.
+    """Relative squared recovery error: scalar; 0 when ``q == -d`` exactly, 1 for ``q == 0``.
+
+    * ``reduction="voxel"`` (the method's): ``mean_x |q + d|^2 / (|d(x)|^2 + eps)``. Voxels
+      where the target nearly vanishes get huge weights, so an uncertain network is pushed to
+      predict nothing there.
+    * ``reduction="sample"``: ``mean_b sum_x |q + d|^2 / (sum_x |d|^2 + eps * N)``, the square
+      of the validation recovery error of each sample; every voxel of a sample weighs the same.
+    * ``reduction="batch"``: ``sum_b,x |q + d|^2 / (sum_b,x |d|^2 + eps * N)``: samples weigh
+      by their target's energy, so small-``t`` samples (sub-voxel targets, whose direction an
+      image hardly shows) add little noise, and a ``t = 0`` sample (``d = 0``) asks for ``p = 0``
+      without dividing by zero.
 
     Args:
         recovered: ``q``, the prediction resampled at the target's end points, voxels.
         target: ``d``, the recovery-target field, voxels.
-        eps: added to ``|d|^2`` in normalised units squared (keeps ``t = 0`` finite).
+        eps: added to ``|d|^2`` per voxel, in normalised units squared (keeps ``t = 0`` finite).
+        reduction: ``"voxel"``, ``"sample"`` or ``"batch"``.
     """
     _check_pair(recovered, target)
+    if reduction not in RSE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {RSE_REDUCTIONS}, got {reduction!r}")
     q, d = to_normalised(recovered), to_normalised(target)
-    return ((q + d).square().sum(1) / (d.square().sum(1) + eps)).mean()
+    residual, norm = (q + d).square().sum(1), d.square().sum(1)
+    if reduction == "voxel":
+        return (residual / (norm + eps)).mean()
+    if reduction == "sample":
+        return (residual.flatten(1).mean(1) / (norm.flatten(1).mean(1) + eps)).mean()
+    return residual.mean() / (norm.mean() + eps)
 
 
 def direction_similarity(
@@ -118,12 +139,13 @@ class DRDMLoss:
     dead_zone: float = 1e-4
     rse_eps: float = 1e-7
     direction_eps: float = 1e-20
+    rse_reduction: str = "voxel"
 
     def __call__(
         self, prediction: torch.Tensor, recovered: torch.Tensor, target: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         _check_pair(prediction, target)
-        rse = relative_squared_error(recovered, target, self.rse_eps)
+        rse = relative_squared_error(recovered, target, self.rse_eps, self.rse_reduction)
         direction = direction_similarity(recovered, target, self.direction_eps)
         smoothness = smoothness_l1(prediction, self.dead_zone)
         folding = negative_jacobian_penalty(prediction)

@@ -16,18 +16,22 @@ the model on their own (``DRDMModule.load_from_checkpoint(path)``); ready-made m
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from drdm.deform.spatial import warp
 from drdm.losses import DRDMLoss
+from drdm.metrics.recovery import RecoveryError
 from drdm.models.recovery import minmax_normalise, recover, start_steps
 from drdm.utils.instantiate import build, to_plain
+
+log = logging.getLogger(__name__)
 
 _SEED_MIX = 1_000_003  # a prime: mixes seed, rank, epoch and batch index into one seed
 
@@ -50,6 +54,22 @@ def _check_parts(net: torch.nn.Module, deformation: torch.nn.Module, ndims: int,
         part_steps = getattr(part, "timesteps", steps)
         if part_steps != steps:
             raise ValueError(f"{name}.timesteps={part_steps} but the schedule has T={steps}")
+
+
+def _warmed_up_ema(decay: float):
+    """EMA update whose decay grows as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates.
+
+    A fixed decay of 0.999 averages the first ~1000 steps' weights in, so for the first few
+    thousand steps the EMA network lags far behind the trained one (measured with
+    experiments/benchmarks/learning.py); the warm-up makes it follow early and average late.
+    """
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, updates: torch.Tensor):
+        n = float(updates)
+        weight = min(decay, (1.0 + n) / (10.0 + n))
+        return averaged.lerp(current, 1.0 - weight)
+
+    return average
 
 
 class DRDMModule(L.LightningModule):
@@ -94,6 +114,7 @@ class DRDMModule(L.LightningModule):
         figure_dir: str | None = None,
         figure_t0: int | None = None,
         figure_start_step: str | int = "T",
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         if ndims not in (2, 3):
@@ -125,6 +146,7 @@ class DRDMModule(L.LightningModule):
             "figure_dir": figure_dir,
             "figure_t0": figure_t0,
             "figure_start_step": figure_start_step,
+            "init_weights": init_weights,
         }
         # modules passed directly are not stored (they cannot be rebuilt from a dict)
         self.save_hyperparameters(
@@ -135,13 +157,13 @@ class DRDMModule(L.LightningModule):
         self.loss = DRDMLoss(**hparams["loss"])
         self.timesteps = _timesteps_of(self.deformation, self.net)
         _check_parts(self.net, self.deformation, ndims, self.timesteps)
+        self.val_recovery_error = RecoveryError()
+        self._weights_restored = False  # init_weights applied, or weights from a checkpoint
         self.ema = None
         if ema_decay is not None:
             if not 0.0 < ema_decay < 1.0:
                 raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
-            self.ema = AveragedModel(
-                self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
-            )
+            self.ema = AveragedModel(self.net, avg_fn=_warmed_up_ema(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
 
     # ------------------------------------------------------------------ helpers
@@ -204,6 +226,22 @@ class DRDMModule(L.LightningModule):
         }
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        # here, not in __init__, and once: load_from_checkpoint must not need the file (it marks
+        # the weights as restored), and Lightning restores a resumed run's weights after setup
+        path = self.hparams.get("init_weights")
+        if path and not self._weights_restored:
+            from drdm.nets import initialise_from
+
+            initialise_from(self.net, path)
+            if self.ema is not None:
+                self.ema.module.load_state_dict(self.net.state_dict())
+            log.info("recovery network initialised from %s", path)
+        self._weights_restored = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._weights_restored = True
+
     def forward(self, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Recovery displacement ``[B, ndims, *S]`` (voxels) of ``image`` at steps ``t``."""
         return self.inference_net(image, t)
@@ -231,21 +269,20 @@ class DRDMModule(L.LightningModule):
         # fixed per batch index: every validation sees the same t and fields
         generator = self._generator(batch_idx, -1)
         terms, parts = self._step(self.inference_net, image, generator)
-        dims = tuple(range(1, parts["target"].ndim))
-        residual = (parts["recovered"] + parts["target"]).square().sum(dims)
-        recovery_error = torch.sqrt(residual / parts["target"].square().sum(dims).clamp_min(1e-12))
         recovered_image = warp(parts["deformed"], parts["prediction"], mode=self.hparams.warp_mode)
         batch_size = image.shape[0]
         metrics = {
             "val/loss": terms["loss"],
             "val/rse": terms["rse"],
             "val/direction": terms["direction"],
-            "val/recovery_error": recovery_error.mean(),
             "val/folding_ratio": folding_ratio(parts["prediction"]).float().mean(),
             "val/mse_recovered": (recovered_image - image).square().mean(),
             "val/mse_deformed": (parts["deformed"] - image).square().mean(),
         }
         self.log_dict(metrics, batch_size=batch_size, sync_dist=True)
+        # a torchmetrics object: the set's sums are reduced across ranks before the ratio
+        self.val_recovery_error.update(parts["recovered"], parts["target"])
+        self.log("val/recovery_error", self.val_recovery_error, batch_size=batch_size)
         period = int(self.hparams.figure_every_n_epochs)
         if (
             batch_idx == 0

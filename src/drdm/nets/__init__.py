@@ -11,7 +11,7 @@ inside the image, refine recursively (``recursions`` passes composed with
 Hydra configs: ``conf/net/recresacnet.yaml``, ``conf/net/unet.yaml``.
 """
 
-from drdm.nets.checkpoint import load_reference_checkpoint
+from drdm.nets.checkpoint import initialise_from, load_reference_checkpoint
 from drdm.nets.embedding import FrozenStepEmbedding, sinusoidal_table
 from drdm.nets.recovery import RecoveryNet, clamp_to_image
 from drdm.nets.recresacnet import AtrousResidualBlock, RecResACNet
@@ -24,6 +24,7 @@ __all__ = [
     "RecoveryNet",
     "UNet",
     "clamp_to_image",
+    "initialise_from",
     "load_reference_checkpoint",
     "sinusoidal_table",
 ]

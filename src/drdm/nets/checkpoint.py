@@ -76,6 +76,12 @@ def load_reference_checkpoint(
     """
     state = _read_state_dict(path, map_location)
     net = RecResACNet(**_architecture(path, state), recursions=recursions)
+    _load_strictly(net, state, path)
+    return net.eval()
+
+
+def _load_strictly(net: torch.nn.Module, state: Mapping[str, torch.Tensor], path) -> None:
+    """``net.load_state_dict(state, strict=True)`` with one error naming every bad key."""
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -86,9 +92,54 @@ def load_reference_checkpoint(
     )
     if missing or unexpected or mis_shaped:
         raise ValueError(
-            f"{path} does not match the RecResACNet layout: missing keys {missing}, "
+            f"{path} does not match the {type(net).__name__} layout: missing keys {missing}, "
             f"unexpected keys {unexpected}, mis-shaped {mis_shaped}"
         )
-    net.load_state_dict(state, strict=True)
     # load_state_dict copies values but keeps requires_grad: the step table stays frozen
-    return net.eval()
+    net.load_state_dict(state, strict=True)
+
+
+def _network_state(path, checkpoint: Mapping) -> dict[str, torch.Tensor]:
+    """The recovery network's weights in a Lightning checkpoint of ``DRDMModule``.
+
+    The EMA copy (``ema.module.*``) when the run kept one, else the trained net (``net.*``).
+    """
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} is a Lightning checkpoint without a 'state_dict'")
+    for prefix in ("ema.module.", "net."):
+        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if weights:
+            return weights
+    raise ValueError(
+        f"{path} holds no DRDMModule network weights (no 'net.*' or 'ema.module.*' keys; "
+        f"it has e.g. {sorted(state)[:5]})"
+    )
+
+
+def initialise_from(net: torch.nn.Module, path: str | os.PathLike, map_location="cpu") -> None:
+    """Copy recovery-network weights from ``path`` into ``net`` (fine-tuning), strictly.
+
+    Args:
+        net: the network to initialise (same layout as the file's: same class, ``channels``,
+            ``ndims``, ``timesteps``, ``time_dim``).
+        path: the authors' plain ``state_dict`` ``.pth``, or a Lightning ``.ckpt`` written by
+            ``src/train.py`` (its EMA weights when it has them).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: an unreadable file, or keys / shapes that do not match ``net`` (the message
+            names the file and every missing, unexpected and mis-shaped key).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init_weights: no checkpoint file at {path}")
+    if str(path).endswith(".ckpt"):
+        try:
+            # a Lightning checkpoint holds hyper-parameters (plain containers) beside tensors
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:
+            raise ValueError(f"cannot read {path} as a Lightning checkpoint: {error}") from error
+        state = _network_state(path, checkpoint)
+    else:
+        state = _read_state_dict(path, map_location)
+    _load_strictly(net, state, path)

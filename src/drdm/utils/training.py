@@ -257,7 +257,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     processes (:func:`scale_batch_and_lr`).
 
     Returns:
-        ``{"metrics": {name: float}, "best_checkpoint": str | None, "output_dir": str,
+        ``{"metrics": {name: float}, "metrics_at_start": {name: float} | None (with
+        ``validate_first``), "best_checkpoint": str | None, "output_dir": str,
         "trainer": Trainer, "model": LightningModule, "scaling": dict}``.
     """
     if cfg.get("torch_threads"):
@@ -296,8 +297,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(config)
 
+    resume = _resume_path(cfg)
+    metrics_at_start = None
+    if cfg.get("validate_first", False):
+        # the starting point's validation metrics, logged at step 0 (e.g. before fine-tuning)
+        trainer.validate(model=model, datamodule=datamodule, ckpt_path=resume, verbose=False)
+        metrics_at_start = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("train", True):
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=_resume_path(cfg))
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=resume)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
@@ -312,6 +319,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             wandb.finish()
     return {
         "metrics": metrics,
+        "metrics_at_start": metrics_at_start,
         "best_checkpoint": best or None,
         "output_dir": str(cfg.paths.output_dir),
         "trainer": trainer,

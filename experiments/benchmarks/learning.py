@@ -1,0 +1,369 @@
+"""Learning-curve benchmark: how fast DRDM training reduces the recovery error, per recipe.
+
+Not a test. Each recipe is a list of Hydra overrides of ``conf/train.yaml`` (embedded data, 2D
+64 x 64, the same RecResACNet); it trains through ``drdm.utils.training.train`` (the real
+Trainer, exactly what ``src/train.py`` runs) in its own process, one thread each, side by side.
+Every ``--eval-every`` training samples a callback measures the recovery error
+(:mod:`drdm.metrics.recovery`) of the network used for generation (the EMA copy when the recipe
+keeps one) on **fixed validation fields**: the validation slices, each deformed by
+``--fields-per-image`` fields of ``conf/schedule/default.yaml`` drawn once from a fixed seed at
+steps spread evenly over ``0 .. T-1``, the same for every recipe. Training time excludes these
+measurements.
+
+Recipes:
+
+* ``reference``: the authors' recipe: batch 1, Adam 1e-4 (constant), per-voxel relative error,
+  no EMA, their field numerics (``schedule.integrator=reference``, ``refinement=1``) at the
+  ``v_scale`` that gives drdm's displacement scale at 64 px (their unit conversion, image size
+  squared over control size squared, is half the geometric one at 64 px and twice it at 256).
+* ``drdm``: ``conf/train.yaml`` as shipped.
+
+It writes ``results/learning.md`` (the curves as a table, the samples and seconds each recipe
+needs to reach the error the reference recipe ends at, and their ratio), ``results/learning.png``
+and ``results/learning.json``.
+
+Usage::
+
+    python experiments/benchmarks/learning.py [--samples N] [--eval-every N] [--quick]
+        [--recipes drdm,reference] [--threads N] [--output PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from benchmark_utils import (
+    RESULTS_DIR,
+    ROOT,
+    command_line,
+    machine_description,
+    markdown_table,
+    write_atomic,
+)
+
+from drdm.utils.atomic import write_text_atomic
+
+RECIPES = {
+    "reference": [
+        "data.batch_size=1",
+        "model.optimizer.lr=1e-4",
+        "model.scheduler=null",
+        "model.ema_decay=null",
+        "model.loss.rse_reduction=voxel",
+        "schedule.integrator=reference",
+        "schedule.refinement=1",
+        "schedule.v_scale=1.6e-4",
+    ],
+    "drdm": [],
+}
+# what every recipe shares: no checkpoints, figures or loggers; the callback measures
+COMMON = [
+    "logger=none",
+    "callbacks=none",
+    "model.figure_every_n_epochs=0",
+    "trainer.max_epochs=-1",
+    "trainer.limit_train_batches=1.0",
+    "trainer.limit_val_batches=0",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+    "+trainer.enable_checkpointing=false",
+]
+
+
+def fixed_validation_set(datamodule, fields_per_image: int, seed: int = 2024):
+    """``(deformed [N,1,H,W], t [N], target [N,2,H,W])``: the validation slices, each deformed
+    by ``fields_per_image`` fields of ``conf/schedule/default.yaml`` (t spread over 0..T-1)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from drdm.deform.spatial import warp
+
+    schedule = instantiate(OmegaConf.load(ROOT / "conf" / "schedule" / "default.yaml"))
+    images = torch.cat([batch["image"] for batch in datamodule.dataloader("val", shuffle=False)])
+    images = images.float().repeat_interleave(fields_per_image, dim=0)
+    count = images.shape[0]
+    t = torch.linspace(0, schedule.timesteps - 1, count).round().long()
+    generator = torch.Generator().manual_seed(seed)
+    diffused, target = schedule(tuple(images.shape[2:]), t, generator=generator)
+    return warp(images, diffused), t, target
+
+
+class LearningCurve(L.Callback):
+    """Measures the recovery error on fixed validation fields every ``eval_every`` samples.
+
+    Writes ``{"points": [{"samples", "steps", "seconds", "recovery_error"}, ...]}`` to ``output``
+    (JSON, atomically) after every measurement, so an interrupted run keeps its curve.
+    """
+
+    def __init__(self, output: str, eval_every: int, fields_per_image: int = 4) -> None:
+        self.output = Path(output)
+        self.eval_every = int(eval_every)
+        self.fields_per_image = int(fields_per_image)
+        self.points: list[dict] = []
+        self.samples = 0
+        self.training_seconds = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.validation = fixed_validation_set(trainer.datamodule, self.fields_per_image)
+        self._measure(trainer, pl_module)
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        before = self.samples
+        self.samples += int(batch["image"].shape[0]) * trainer.world_size
+        if self.samples // self.eval_every > before // self.eval_every:
+            self.training_seconds += time.perf_counter() - self.started
+            self._measure(trainer, pl_module)
+            self.started = time.perf_counter()
+
+    @torch.no_grad()
+    def _measure(self, trainer, pl_module) -> None:
+        from drdm.deform.spatial import warp
+        from drdm.metrics.recovery import RecoveryError
+
+        deformed, t, target = (x.to(pl_module.device) for x in self.validation)
+        net = pl_module.inference_net
+        was_training = net.training
+        net.eval()
+        metric = RecoveryError().to(pl_module.device)
+        for start in range(0, deformed.shape[0], 16):
+            part = slice(start, start + 16)
+            prediction = net(deformed[part], t[part])
+            metric.update(warp(prediction, target[part], padding="border"), target[part])
+        net.train(was_training)
+        point = {
+            "samples": self.samples,
+            "steps": trainer.global_step,
+            "seconds": round(self.training_seconds, 2),
+            "recovery_error": float(metric.compute()),
+        }
+        self.points.append(point)
+        print(json.dumps(point), flush=True)
+        write_text_atomic(self.output, json.dumps({"points": self.points}, indent=1))
+
+
+def run_recipe(args: argparse.Namespace) -> None:
+    """Train one recipe in this process (the child side of :func:`main`)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from drdm.utils.training import train
+
+    overrides = [*RECIPES[args.recipe], *COMMON, *args.override, f"torch_threads={args.threads}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    run_dir = Path(args.child_output).parent / f"run_{args.recipe}"
+    batch = int(cfg.data.batch_size)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+        cfg.trainer.max_steps = math.ceil(args.samples / batch)
+        cfg.callbacks = {
+            "learning_curve": {
+                "_target_": "learning.LearningCurve",
+                "output": args.child_output,
+                "eval_every": args.eval_every,
+                "fields_per_image": args.fields_per_image,
+            }
+        }
+    HydraConfig().set_config(cfg)
+    train(cfg)
+
+
+def samples_to_reach(points: list[dict], level: float, key: str) -> float | None:
+    """First ``key`` value (samples or seconds) at which the curve is at or below ``level``,
+    interpolated linearly between measurements; None if it never gets there."""
+    if points and points[0]["recovery_error"] <= level:
+        return float(points[0][key])
+    for before, after in zip(points[:-1], points[1:]):
+        if after["recovery_error"] <= level:
+            if before["recovery_error"] <= level:
+                return float(before[key])
+            fraction = (before["recovery_error"] - level) / (
+                before["recovery_error"] - after["recovery_error"]
+            )
+            return before[key] + fraction * (after[key] - before[key])
+    return None
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, points in curves.items():
+        error = [p["recovery_error"] for p in points]
+        axes[0].plot([p["samples"] for p in points], error, marker=".", label=name)
+        axes[1].plot([p["seconds"] / 60 for p in points], error, marker=".", label=name)
+    for axis, label in zip(axes, ("training samples seen", "training time (CPU minutes)")):
+        axis.set_xlabel(label)
+        axis.set_ylabel("validation recovery error")
+        axis.axhline(1.0, color="grey", lw=0.8, ls=":")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle("DRDM learning curves, embedded data 64 x 64, fixed validation fields")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def report(args, curves: dict[str, list[dict]], wall: float, argv) -> str:
+    names = list(curves)
+    lines = [
+        "# DRDM learning-curve benchmark",
+        "",
+        f"Generated by `{command_line('learning.py', argv)}` (not a test), {wall / 60:.0f} min.",
+        "",
+        f"Machine: {machine_description()} (the parent process; each recipe ran with "
+        f"{args.threads} thread(s))",
+        "",
+        "Each recipe trains `conf/train.yaml` (embedded data, 2D 64 x 64, RecResACNet "
+        "[10, 20, 40] x 2 recursions) through the real Trainer, in its own process with "
+        f"{args.threads} thread(s), the recipes side by side. Every {args.eval_every} training "
+        "samples the recovery error `sqrt(sum |q + d|^2 / sum |d|^2)` of the generation network "
+        "(EMA copy where kept) is measured on fixed validation fields: the "
+        f"validation slices x {args.fields_per_image} fields of `conf/schedule/default.yaml`, "
+        "t spread over 0..79, one seed, identical for every recipe (0 = perfect, 1 = no "
+        "recovery). Seconds: training time only.",
+        "",
+        "Recipes (Hydra overrides of `conf/train.yaml`):",
+        "",
+    ]
+    for name in names:
+        overrides = " ".join(RECIPES[name]) or "(none: the shipped defaults)"
+        lines.append(f"- `{name}`: `{overrides}`")
+    lines.append("")
+    reference = curves.get("reference")
+    if reference and len(names) > 1:
+        level = min(p["recovery_error"] for p in reference[-3:])
+        lines += [
+            f"Target: the error the reference recipe reaches by its end, {level:.3f} "
+            "(best of its last three measurements).",
+            "",
+        ]
+        rows = []
+        for name in names:
+            samples = samples_to_reach(curves[name], level, "samples")
+            seconds = samples_to_reach(curves[name], level, "seconds")
+            ref_samples = samples_to_reach(reference, level, "samples")
+            ref_seconds = samples_to_reach(reference, level, "seconds")
+            rows.append(
+                [
+                    name,
+                    f"{curves[name][-1]['recovery_error']:.3f}",
+                    f"{min(p['recovery_error'] for p in curves[name]):.3f}",
+                    "not reached" if samples is None else f"{samples:.0f}",
+                    "" if samples is None else f"{samples / max(ref_samples, 1e-9):.2f}",
+                    "not reached" if seconds is None else f"{seconds:.0f}",
+                    "" if seconds is None else f"{seconds / max(ref_seconds, 1e-9):.2f}",
+                ]
+            )
+        lines += markdown_table(
+            [
+                "recipe",
+                "final error",
+                "best error",
+                "samples to target",
+                "x reference",
+                "seconds to target",
+                "x reference",
+            ],
+            rows,
+        )
+        lines.append("")
+    lines += ["## Curves", "", "![learning curves](learning.png)", ""]
+    samples = sorted({p["samples"] for points in curves.values() for p in points})
+    by_name = {name: {p["samples"]: p for p in points} for name, points in curves.items()}
+    rows = []
+    for count in samples:
+        row = [str(count)]
+        for name in names:
+            point = by_name[name].get(count)
+            row += (
+                ["", ""]
+                if point is None
+                else [
+                    f"{point['recovery_error']:.3f}",
+                    f"{point['seconds']:.0f}",
+                ]
+            )
+        rows.append(row)
+    header = ["samples"] + [f"{n} {what}" for n in names for what in ("error", "s")]
+    lines += markdown_table(header, rows)
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=48000, help="training samples per recipe")
+    parser.add_argument("--eval-every", type=int, default=1600, help="samples between measures")
+    parser.add_argument("--fields-per-image", type=int, default=4)
+    parser.add_argument("--recipes", default="drdm,reference")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per recipe")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "learning.md")
+    parser.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    # the child side: train one recipe and write its curve
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)
+    parser.add_argument("--child-output", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.recipes.split(",") if name not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; known: {sorted(RECIPES)}")
+    if args.quick:
+        args.samples, args.eval_every, args.fields_per_image = 8, 4, 1
+        args.override = [*args.override, "model.net.channels=[4,8,8]", "model.net.recursions=1"]
+    return args
+
+
+def main(argv=None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.recipe:
+        run_recipe(args)
+        return Path(args.child_output)
+    work = args.output.with_suffix("")
+    work = work.parent / f".{work.name}_runs"
+    names = args.recipes.split(",")
+    started = time.perf_counter()
+    children = {}
+    for name in names:
+        child = work / f"{name}.json"
+        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--recipe", name]
+        command += ["--child-output", str(child)]
+        environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        work.mkdir(parents=True, exist_ok=True)
+        log = open(work / f"{name}.log", "w")  # noqa: SIM115 (closed after the wait below)
+        children[name] = (subprocess.Popen(command, stdout=log, stderr=log, env=environment), log)
+    for name, (process, log) in children.items():
+        if process.wait() != 0:
+            raise RuntimeError(f"recipe {name} failed: see {work / (name + '.log')}")
+        log.close()
+    curves = {name: json.loads((work / f"{name}.json").read_text())["points"] for name in names}
+    wall = time.perf_counter() - started
+    write_atomic(args.output.with_suffix(".json"), json.dumps(curves, indent=1))
+    plot(curves, args.output.with_suffix(".png"))
+    text = report(args, curves, wall, argv)
+    print(text)
+    write_atomic(args.output, text)
+    return args.output
+
+
+if __name__ == "__main__":
+    main()

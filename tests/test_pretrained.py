@@ -1,0 +1,108 @@
+"""The packaged default DRDM (drdm.pretrained): it loads, recovers, and is what the tools use."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from drdm.deform import folding_ratio, warp
+from drdm.generate import DRDM
+from drdm.metrics.recovery import RecoveryError
+from drdm.models import DRDMModule
+from drdm.pretrained import DEFAULT_MODEL, export_checkpoint, resolve_checkpoint
+from drdm.utils.instantiate import build
+
+REPO = Path(__file__).resolve().parents[1]
+# measured for the shipped file by experiments/default_model (README there); a retrained model
+# must stay well below 1 ("predicts nothing") on the fixed validation fields
+MAX_RECOVERY_ERROR = 0.9
+
+
+def embedded_validation_images() -> torch.Tensor:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=unused"])
+    datamodule = build(cfg.data)
+    datamodule.setup("fit")
+    batches = datamodule.dataloader("val", shuffle=False)
+    return torch.cat([batch["image"] for batch in batches]).float()
+
+
+def test_default_resolves_to_the_packaged_file():
+    assert resolve_checkpoint("default") == DEFAULT_MODEL
+    assert DEFAULT_MODEL.is_file()
+    assert DEFAULT_MODEL.stat().st_size < 4 * 2**20  # a few MB at most
+    assert resolve_checkpoint("x/y.ckpt") == Path("x/y.ckpt")
+
+
+def test_the_packaged_model_recovers_on_held_out_slices():
+    drdm = DRDM.load("default")
+    assert drdm.image_size == (64, 64) and drdm.timesteps == 80
+    images = embedded_validation_images().repeat_interleave(4, dim=0)
+    t = torch.linspace(0, 79, images.shape[0]).round().long()
+    generator = torch.Generator().manual_seed(2024)
+    diffused, target = drdm.deformation((64, 64), t, generator=generator)
+    metric = RecoveryError()
+    with torch.no_grad():
+        prediction = drdm.net(warp(images, diffused), t)
+    metric.update(warp(prediction, target, padding="border"), target)
+    error = float(metric.compute())
+    assert error < MAX_RECOVERY_ERROR, error
+    assert float(folding_ratio(prediction).float().mean()) < 0.01
+
+
+def test_packaged_samples_move_the_anatomy_without_folding():
+    drdm = DRDM.load("default")
+    images = embedded_validation_images()[:2]
+    out = drdm.generate(images, num_samples=2, seed=0)
+    displacement = torch.as_tensor(out.displacement)
+    assert displacement.abs().amax() > 1.0  # voxels: a visible deformation, not the identity
+    assert float(torch.as_tensor(out.folding_ratio).max()) < 0.01
+
+
+def test_export_keeps_the_ema_weights_and_drops_the_training_state(tmp_path):
+    module = DRDMModule(
+        net={"_target_": "drdm.nets.RecResACNet", "channels": [4, 4, 4], "recursions": 1},
+        deformation={"_target_": "drdm.deform.RandomDeformation", "ndims": 2, "control_size": 16},
+        image_size=(32, 32),
+        ema_decay=0.9,
+    )
+    with torch.no_grad():
+        for parameter in module.ema.module.parameters():
+            parameter.add_(0.5)
+    full = tmp_path / "full.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, full)
+    slim = export_checkpoint(full, tmp_path / "slim.ckpt")
+    loaded = DRDMModule.load_from_checkpoint(slim)
+    assert loaded.ema is None
+    for name, tensor in module.ema.module.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[name], tensor), name
+
+
+@pytest.mark.slow
+def test_augment_uses_the_packaged_model_by_default(tmp_path):
+    image = embedded_validation_images()[0, 0].numpy()
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    source = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(image[..., None].astype(np.float32), affine), source)
+    output = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(REPO / "src" / "augment.py"),
+        f"input={source}",
+        f"output_dir={output}",
+        "num_samples=1",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sample = nib.load(output / "image" / "slice_0.nii.gz")
+    np.testing.assert_allclose(sample.affine, affine)
+    assert not np.allclose(np.asarray(sample.dataobj)[..., 0], image, atol=1e-3)
