@@ -94,12 +94,18 @@ def test_learning_benchmark_quick(benchmarks, tmp_path):
     rows = _table_rows(report)
     # summary rows first (one per recipe), then the curve rows starting at 0 samples
     assert [row[0] for row in rows[:2]] == ["drdm", "reference"]
-    curve = [row for row in rows[2:] if row[0].isdigit()]
-    assert curve[0][0] == "0"
-    errors = [float(cell) for row in curve for cell in (row[1], row[3]) if cell]
+    # one row per measurement: samples, error, seconds of each recipe; both stop at --samples
+    header = [row[0] for row in rows].index("drdm samples")
+    curve = rows[header + 1 :]
+    assert curve[0][0] == "0" and curve[0][3] == "0"
+    errors = [float(cell) for row in curve for cell in (row[1], row[4]) if cell]
     assert errors and all(0.0 < error < 2.0 for error in errors)
+    drdm_samples = [int(row[0]) for row in curve if row[0]]
+    reference_samples = [int(row[3]) for row in curve if row[3]]
+    assert drdm_samples[-1] >= 8 and reference_samples[-1] == 8
     assert (tmp_path / "learning.png").stat().st_size > 0
-    assert set(json.loads((tmp_path / "learning.json").read_text())) == {"drdm", "reference"}
+    results = json.loads((tmp_path / "learning.json").read_text())
+    assert set(results["curves"]) == {"drdm", "reference"}
 
 
 def test_learning_benchmark_interpolates_the_samples_to_a_level(benchmarks):

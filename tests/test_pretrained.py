@@ -11,9 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from drdm.deform import folding_ratio, warp
 from drdm.generate import DRDM
-from drdm.metrics.recovery import RecoveryError
+from drdm.metrics.recovery import evaluate_recovery, fixed_validation_fields
 from drdm.models import DRDMModule
 from drdm.pretrained import DEFAULT_MODEL, export_checkpoint, resolve_checkpoint
 from drdm.utils.instantiate import build
@@ -44,17 +43,10 @@ def test_default_resolves_to_the_packaged_file():
 def test_the_packaged_model_recovers_on_held_out_slices():
     drdm = DRDM.load("default")
     assert drdm.image_size == (64, 64) and drdm.timesteps == 80
-    images = embedded_validation_images().repeat_interleave(4, dim=0)
-    t = torch.linspace(0, 79, images.shape[0]).round().long()
-    generator = torch.Generator().manual_seed(2024)
-    diffused, target = drdm.deformation((64, 64), t, generator=generator)
-    metric = RecoveryError()
-    with torch.no_grad():
-        prediction = drdm.net(warp(images, diffused), t)
-    metric.update(warp(prediction, target, padding="border"), target)
-    error = float(metric.compute())
-    assert error < MAX_RECOVERY_ERROR, error
-    assert float(folding_ratio(prediction).float().mean()) < 0.01
+    deformed, t, target = fixed_validation_fields(embedded_validation_images(), drdm.deformation)
+    measured = evaluate_recovery(drdm.net, deformed, t, target)
+    assert measured["recovery_error"] < MAX_RECOVERY_ERROR, measured
+    assert measured["folding_ratio"] < 0.01, measured
 
 
 def test_packaged_samples_move_the_anatomy_without_folding():
@@ -106,3 +98,27 @@ def test_augment_uses_the_packaged_model_by_default(tmp_path):
     sample = nib.load(output / "image" / "slice_0.nii.gz")
     np.testing.assert_allclose(sample.affine, affine)
     assert not np.allclose(np.asarray(sample.dataobj)[..., 0], image, atol=1e-3)
+
+
+def test_the_packaged_recommendation_applies_only_where_the_caller_sets_nothing():
+    drdm = DRDM.load("default")
+    assert (drdm.t0_start, drdm.start_step) == (24, "t0")
+    # None means "not set" (conf/augment.yaml's nulls); an explicit value wins
+    drdm = DRDM.load("default", t0_start=None, start_step="T", margin=None)
+    assert (drdm.t0_start, drdm.start_step, drdm.margin) == (24, "T", 8)
+
+
+def test_the_embedded_experiments_use_the_packaged_model_through_their_configs():
+    from drdm.synthesis.pairs import DRDMFieldSource
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        fewshot = compose("train", overrides=["experiment=default_fewshot", "augmentation=drdm"])
+        registration = compose("train", overrides=["experiment=default_registration"])
+        augment = compose("augment", overrides=["input=x", "output_dir=y"])
+    strategy = build(fewshot.augmentation)
+    sources = [t.source for t in strategy.batch_transforms if hasattr(t, "source")]
+    assert sources and all(source.checkpoint == DEFAULT_MODEL for source in sources)
+    field_source = build(registration.model.field_sources.synthetic_drdm)
+    assert isinstance(field_source, DRDMFieldSource) and field_source.checkpoint == DEFAULT_MODEL
+    assert resolve_checkpoint(augment.ckpt_path) == DEFAULT_MODEL

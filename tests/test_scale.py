@@ -284,6 +284,7 @@ def test_ddp_on_two_cpu_processes_trains_each_rank_on_its_own_samples(tmp_path):
         "hardware.precision=32-true",
         "hardware.lr_scaling=linear",
         "hardware.base_batch_size=2",
+        "model.optimizer.lr=1e-4",
         "+callbacks.rank_record._target_=test_scale.RankRecorder",
         "task_name=ddp",
     ]

@@ -71,6 +71,7 @@ COMMON = [
     "callbacks=none",
     "model.figure_every_n_epochs=0",
     "trainer.max_epochs=-1",
+    "trainer.min_epochs=0",
     "trainer.limit_train_batches=1.0",
     "trainer.limit_val_batches=0",
     "+trainer.enable_progress_bar=false",
@@ -79,22 +80,17 @@ COMMON = [
 ]
 
 
-def fixed_validation_set(datamodule, fields_per_image: int, seed: int = 2024):
-    """``(deformed [N,1,H,W], t [N], target [N,2,H,W])``: the validation slices, each deformed
-    by ``fields_per_image`` fields of ``conf/schedule/default.yaml`` (t spread over 0..T-1)."""
+def fixed_validation_set(datamodule, fields_per_image: int):
+    """The validation slices, each deformed by ``fields_per_image`` fields of
+    ``conf/schedule/default.yaml`` (see :func:`drdm.metrics.recovery.fixed_validation_fields`)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from drdm.deform.spatial import warp
+    from drdm.metrics.recovery import fixed_validation_fields
 
     schedule = instantiate(OmegaConf.load(ROOT / "conf" / "schedule" / "default.yaml"))
     images = torch.cat([batch["image"] for batch in datamodule.dataloader("val", shuffle=False)])
-    images = images.float().repeat_interleave(fields_per_image, dim=0)
-    count = images.shape[0]
-    t = torch.linspace(0, schedule.timesteps - 1, count).round().long()
-    generator = torch.Generator().manual_seed(seed)
-    diffused, target = schedule(tuple(images.shape[2:]), t, generator=generator)
-    return warp(images, diffused), t, target
+    return fixed_validation_fields(images, schedule, fields_per_image)
 
 
 class LearningCurve(L.Callback):
@@ -104,9 +100,12 @@ class LearningCurve(L.Callback):
     (JSON, atomically) after every measurement, so an interrupted run keeps its curve.
     """
 
-    def __init__(self, output: str, eval_every: int, fields_per_image: int = 4) -> None:
+    def __init__(
+        self, output: str, eval_every: int, max_samples: int, fields_per_image: int = 4
+    ) -> None:
         self.output = Path(output)
         self.eval_every = int(eval_every)
+        self.max_samples = int(max_samples)
         self.fields_per_image = int(fields_per_image)
         self.points: list[dict] = []
         self.samples = 0
@@ -120,31 +119,25 @@ class LearningCurve(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         before = self.samples
         self.samples += int(batch["image"].shape[0]) * trainer.world_size
-        if self.samples // self.eval_every > before // self.eval_every:
+        done = self.samples >= self.max_samples
+        if done or self.samples // self.eval_every > before // self.eval_every:
             self.training_seconds += time.perf_counter() - self.started
             self._measure(trainer, pl_module)
             self.started = time.perf_counter()
+        # every recipe stops at the same number of samples, whatever its batch size
+        trainer.should_stop = trainer.should_stop or done
 
-    @torch.no_grad()
     def _measure(self, trainer, pl_module) -> None:
-        from drdm.deform.spatial import warp
-        from drdm.metrics.recovery import RecoveryError
+        from drdm.metrics.recovery import evaluate_recovery
 
         deformed, t, target = (x.to(pl_module.device) for x in self.validation)
-        net = pl_module.inference_net
-        was_training = net.training
-        net.eval()
-        metric = RecoveryError().to(pl_module.device)
-        for start in range(0, deformed.shape[0], 16):
-            part = slice(start, start + 16)
-            prediction = net(deformed[part], t[part])
-            metric.update(warp(prediction, target[part], padding="border"), target[part])
-        net.train(was_training)
+        measured = evaluate_recovery(pl_module.inference_net, deformed, t, target)
         point = {
             "samples": self.samples,
             "steps": trainer.global_step,
             "seconds": round(self.training_seconds, 2),
-            "recovery_error": float(metric.compute()),
+            "recovery_error": measured["recovery_error"],
+            "folding_ratio": measured["folding_ratio"],
         }
         self.points.append(point)
         print(json.dumps(point), flush=True)
@@ -168,12 +161,14 @@ def run_recipe(args: argparse.Namespace) -> None:
         cfg.paths.output_dir = str(run_dir)
         cfg.hydra.runtime.output_dir = str(run_dir)
         cfg.hydra.job.num = 0
-        cfg.trainer.max_steps = math.ceil(args.samples / batch)
+        # an upper bound: the callback stops at --samples (the last batch of an epoch is smaller)
+        cfg.trainer.max_steps = 2 * math.ceil(args.samples / batch)
         cfg.callbacks = {
             "learning_curve": {
                 "_target_": "learning.LearningCurve",
                 "output": args.child_output,
                 "eval_every": args.eval_every,
+                "max_samples": args.samples,
                 "fields_per_image": args.fields_per_image,
             }
         }
@@ -223,14 +218,14 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     os.replace(temporary, path)
 
 
-def report(args, curves: dict[str, list[dict]], wall: float, argv) -> str:
+def report(args, curves: dict[str, list[dict]], meta: dict) -> str:
     names = list(curves)
     lines = [
         "# DRDM learning-curve benchmark",
         "",
-        f"Generated by `{command_line('learning.py', argv)}` (not a test), {wall / 60:.0f} min.",
+        f"Generated by `{meta['command']}` (not a test), {meta['wall_minutes']:.0f} min.",
         "",
-        f"Machine: {machine_description()} (the parent process; each recipe ran with "
+        f"Machine: {meta['machine']} (the parent process; each recipe ran with "
         f"{args.threads} thread(s))",
         "",
         "Each recipe trains `conf/train.yaml` (embedded data, 2D 64 x 64, RecResACNet "
@@ -288,24 +283,25 @@ def report(args, curves: dict[str, list[dict]], wall: float, argv) -> str:
         )
         lines.append("")
     lines += ["## Curves", "", "![learning curves](learning.png)", ""]
-    samples = sorted({p["samples"] for points in curves.values() for p in points})
-    by_name = {name: {p["samples"]: p for p in points} for name, points in curves.items()}
+    # one row per measurement: the k-th of every recipe (batches make the counts differ a little)
     rows = []
-    for count in samples:
-        row = [str(count)]
+    for index in range(max(len(points) for points in curves.values())):
+        row = []
         for name in names:
-            point = by_name[name].get(count)
+            points = curves[name]
+            point = points[index] if index < len(points) else None
             row += (
-                ["", ""]
+                ["", "", ""]
                 if point is None
                 else [
+                    str(point["samples"]),
                     f"{point['recovery_error']:.3f}",
                     f"{point['seconds']:.0f}",
                 ]
             )
         rows.append(row)
-    header = ["samples"] + [f"{n} {what}" for n in names for what in ("error", "s")]
-    lines += markdown_table(header, rows)
+    header = [f"{n} {what}" for n in names for what in ("samples", "error", "s")]
+    lines += markdown_table(header, rows, align="r" * len(header))
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +315,11 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "learning.md")
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the report and figure from the results JSON of an earlier run",
+    )
     # the child side: train one recipe and write its curve
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--child-output", help=argparse.SUPPRESS)
@@ -338,6 +339,12 @@ def main(argv=None) -> Path:
     if args.recipe:
         run_recipe(args)
         return Path(args.child_output)
+    if args.report_only:
+        results = json.loads(args.output.with_suffix(".json").read_text())
+        plot(results["curves"], args.output.with_suffix(".png"))
+        write_atomic(args.output, report(args, results["curves"], results["meta"]))
+        return args.output
+    machine = machine_description()
     work = args.output.with_suffix("")
     work = work.parent / f".{work.name}_runs"
     names = args.recipes.split(",")
@@ -356,10 +363,14 @@ def main(argv=None) -> Path:
             raise RuntimeError(f"recipe {name} failed: see {work / (name + '.log')}")
         log.close()
     curves = {name: json.loads((work / f"{name}.json").read_text())["points"] for name in names}
-    wall = time.perf_counter() - started
-    write_atomic(args.output.with_suffix(".json"), json.dumps(curves, indent=1))
+    meta = {
+        "command": command_line("learning.py", argv),
+        "machine": machine,
+        "wall_minutes": round((time.perf_counter() - started) / 60, 1),
+    }
+    write_atomic(args.output.with_suffix(".json"), json.dumps({"meta": meta, "curves": curves}))
     plot(curves, args.output.with_suffix(".png"))
-    text = report(args, curves, wall, argv)
+    text = report(args, curves, meta)
     print(text)
     write_atomic(args.output, text)
     return args.output

@@ -7,7 +7,7 @@ two draws of ``t0``.
 
 Usage::
 
-    python experiments/fewshot/samples.py --drdm-ckpt PATH [--strategy drdm_cpu]
+    python experiments/fewshot/samples.py [--drdm-ckpt PATH] [--strategy drdm_cpu]
         [--output experiments/fewshot/results/drdm_samples.png]
 """
 
@@ -106,7 +106,7 @@ def draw(batch: dict, outputs: list[list[dict]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--drdm-ckpt", type=Path, required=True)
+    parser.add_argument("--drdm-ckpt", default="default", help="default: the packaged DRDM")
     parser.add_argument("--strategy", default="drdm_cpu")
     parser.add_argument("--count", type=int, default=3, help="slices shown")
     parser.add_argument("--seed", type=int, default=0)

@@ -99,6 +99,11 @@ def resize_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return F.interpolate(image, size=shape, mode=mode, align_corners=True)
 
 
+def _set_options(options: dict) -> dict:
+    """The options a caller actually set (``None`` means "the default")."""
+    return {key: value for key, value in options.items() if value is not None}
+
+
 class DRDM:
     """A trained recovery network with its deformation schedule, ready to generate samples.
 
@@ -179,7 +184,9 @@ class DRDM:
 
         ``schedule``: ``RandomDeformation`` arguments overriding the forward process of a ``.pth``
         (a ``.ckpt`` keeps the schedule it was trained with). ``options`` are :class:`DRDM`
-        arguments (``interpolation``, ``t0_start``, ...).
+        arguments (``interpolation``, ``t0_start``, ...); those left ``None`` take the
+        checkpoint's recommended ``generation_defaults`` (the packaged model's: ``t0_start=24``,
+        ``start_step="t0"``), else the :class:`DRDM` defaults.
 
         Raises:
             FileNotFoundError: no file at ``path``.
@@ -195,6 +202,8 @@ class DRDM:
 
             module = DRDMModule.load_from_checkpoint(str(path), map_location=map_location)
             net = module.inference_net if use_ema else module.net
+            # the checkpoint's recommended settings, under anything the caller sets (None: unset)
+            options = {**module.generation_defaults, **_set_options(options)}
             return cls(net, module.deformation, module.hparams.image_size, **options)
         if path.suffix in (".pth", ".pt"):
             from drdm.deform import RandomDeformation
@@ -207,7 +216,7 @@ class DRDM:
             # "v_scale": 4e-5, "refinement": 1} reproduces their numerics exactly.
             settings = {**REFERENCE_2D_SCHEDULE, **(schedule or {})}
             deformation = RandomDeformation(ndims=net.ndims, timesteps=net.timesteps, **settings)
-            return cls(net, deformation, (256,) * net.ndims, **options)
+            return cls(net, deformation, (256,) * net.ndims, **_set_options(options))
         raise ValueError(f"{path}: expected a Lightning .ckpt or the authors' .pth state_dict")
 
     def to(self, device: str | torch.device) -> DRDM:

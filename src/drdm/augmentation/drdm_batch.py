@@ -56,7 +56,10 @@ class DRDMField:
                 "drdm_checkpoint=path/to/drdm.ckpt (or "
                 "augmentation.batch.drdm.source.checkpoint=path/to/drdm.ckpt)"
             )
-        self.checkpoint = Path(checkpoint)
+        from drdm.pretrained import resolve_checkpoint
+
+        # "default": the packaged model (drdm.pretrained)
+        self.checkpoint = resolve_checkpoint(checkpoint)
         if not self.checkpoint.is_file():
             raise FileNotFoundError(f"DRDM checkpoint not found: {self.checkpoint}")
         self.generate_kwargs = dict(generate_kwargs or {})

@@ -53,3 +53,47 @@ class RecoveryError(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.residual / self.energy).sqrt().float()
+
+
+def fixed_validation_fields(
+    images: torch.Tensor, deformation, fields_per_image: int = 4, seed: int = 2024
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fixed recovery benchmark: every image deformed by ``fields_per_image`` fields.
+
+    Args:
+        images: ``[N, 1, *S]`` float.
+        deformation: a ``RandomDeformation`` (``deformation(S, t, generator)``).
+        fields_per_image: fields per image; their steps ``t`` are spread evenly over
+            ``0 .. T-1`` across all ``N * fields_per_image`` samples.
+        seed: seed of the fields (same seed, same fields).
+
+    Returns:
+        ``(deformed [M, 1, *S], t [M], target [M, ndims, *S])`` with
+        ``M = N * fields_per_image``: the input of the network and its recovery target.
+    """
+    from drdm.deform.spatial import warp
+
+    images = images.float().repeat_interleave(fields_per_image, dim=0)
+    t = torch.linspace(0, deformation.timesteps - 1, images.shape[0]).round().long()
+    generator = torch.Generator().manual_seed(seed)
+    diffused, target = deformation(tuple(images.shape[2:]), t, generator=generator)
+    return warp(images, diffused), t, target
+
+
+@torch.no_grad()
+def evaluate_recovery(net, deformed, t, target, batch_size: int = 16) -> dict[str, float]:
+    """``{"recovery_error", "folding_ratio"}`` of ``net`` on fixed fields (eval mode inside)."""
+    from drdm.deform import folding_ratio
+    from drdm.deform.spatial import warp
+
+    was_training = net.training
+    net.eval()
+    metric, folded, voxels = RecoveryError().to(deformed.device), 0.0, 0
+    for start in range(0, deformed.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        prediction = net(deformed[part], t[part])
+        metric.update(warp(prediction, target[part], padding="border"), target[part])
+        folded += float(folding_ratio(prediction).sum())
+        voxels += prediction.shape[0]
+    net.train(was_training)
+    return {"recovery_error": float(metric.compute()), "folding_ratio": folded / voxels}

@@ -159,6 +159,7 @@ class DRDMModule(L.LightningModule):
         _check_parts(self.net, self.deformation, ndims, self.timesteps)
         self.val_recovery_error = RecoveryError()
         self._weights_restored = False  # init_weights applied, or weights from a checkpoint
+        self.generation_defaults: dict = {}
         self.ema = None
         if ema_decay is not None:
             if not 0.0 < ema_decay < 1.0:
@@ -241,6 +242,8 @@ class DRDMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._weights_restored = True
+        # generation settings a shipped checkpoint recommends (drdm.pretrained.export_checkpoint)
+        self.generation_defaults = dict(checkpoint.get("generation_defaults") or {})
 
     def forward(self, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Recovery displacement ``[B, ndims, *S]`` (voxels) of ``image`` at steps ``t``."""

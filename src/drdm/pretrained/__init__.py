@@ -6,6 +6,10 @@ intensities), trained from scratch on a CPU with ``conf/train.yaml``'s recipe on
 slabs of the default split (the few-shot and registration test and validation slabs never seen).
 Its training command and learning curve: ``experiments/default_model/README.md``.
 
+It recommends generation from ``t0 = 24`` (+2 every second sample) with the recovery chain
+started at ``t0 - 1`` (``generation_defaults`` in the file; ``experiments/default_model`` has the
+measurements behind it: from ``T - 1``, or from larger ``t0``, its fields fold more than 1 %).
+
 Everything that takes a DRDM checkpoint (``src/augment.py ckpt_path=``, the ``drdm``
 augmentation's ``drdm_checkpoint=``, the registration's DRDM field source, ``DRDM.load``) reads
 the word ``default`` as this file.
@@ -42,14 +46,19 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def export_checkpoint(
-    source: str | os.PathLike, destination: str | os.PathLike, use_ema: bool = True
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    use_ema: bool = True,
+    generation_defaults: dict | None = None,
 ) -> Path:
     """Write a slim copy of a ``DRDMModule`` checkpoint for shipping or sharing.
 
     Keeps the hyper-parameters (the net and schedule configs rebuild the model) and one set of
     network weights (the EMA copy when ``use_ema`` and the run kept one), stored as the
-    module's ``net`` with EMA off; drops optimiser, scheduler and loop states. The result
-    loads with ``DRDMModule.load_from_checkpoint`` and ``DRDM.load``; written atomically.
+    module's ``net`` with EMA off; drops optimiser, scheduler and loop states.
+    ``generation_defaults`` (:class:`drdm.generate.DRDM` arguments, e.g. ``t0_start``,
+    ``start_step``) are stored for ``DRDM.load`` to use where its caller sets nothing. The
+    result loads with ``DRDMModule.load_from_checkpoint`` and ``DRDM.load``; written atomically.
     """
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     state = checkpoint["state_dict"]
@@ -69,5 +78,6 @@ def export_checkpoint(
         or lightning.__version__,
         "epoch": checkpoint.get("epoch"),
         "global_step": checkpoint.get("global_step"),
+        "generation_defaults": dict(generation_defaults or {}),
     }
     return atomic_write(destination, lambda temporary: torch.save(slim, temporary))

@@ -127,7 +127,10 @@ class DRDMFieldSource:
                 "synthetic_drdm needs a trained DRDM: set "
                 "model.field_sources.synthetic_drdm.checkpoint=path/to/drdm.ckpt"
             )
-        self.checkpoint = Path(checkpoint)
+        from drdm.pretrained import resolve_checkpoint
+
+        # "default": the packaged model (drdm.pretrained)
+        self.checkpoint = resolve_checkpoint(checkpoint)
         if not self.checkpoint.is_file():
             raise FileNotFoundError(f"DRDM checkpoint not found: {self.checkpoint}")
         self.t0 = [int(t) for t in t0] if isinstance(t0, Sequence) else [int(t0)]
