@@ -94,14 +94,16 @@ def test_learning_benchmark_quick(benchmarks, tmp_path):
     rows = _table_rows(report)
     # summary rows first (one per recipe), then the curve rows starting at 0 samples
     assert [row[0] for row in rows[:2]] == ["drdm", "reference"]
-    # one row per measurement: samples, error, seconds of each recipe; both stop at --samples
+    # a row per measurement: samples, steps, error, seconds of each recipe; both stop at --samples
     header = [row[0] for row in rows].index("drdm samples")
     curve = rows[header + 1 :]
-    assert curve[0][0] == "0" and curve[0][3] == "0"
-    errors = [float(cell) for row in curve for cell in (row[1], row[4]) if cell]
+    assert curve[0][0] == "0" and curve[0][4] == "0"
+    errors = [float(cell) for row in curve for cell in (row[2], row[6]) if cell]
     assert errors and all(0.0 < error < 2.0 for error in errors)
     drdm_samples = [int(row[0]) for row in curve if row[0]]
-    reference_samples = [int(row[3]) for row in curve if row[3]]
+    reference_samples = [int(row[4]) for row in curve if row[4]]
+    # batch 1: one optimiser step per sample
+    assert [int(row[5]) for row in curve if row[5]] == reference_samples
     assert drdm_samples[-1] >= 8 and reference_samples[-1] == 8
     assert (tmp_path / "learning.png").stat().st_size > 0
     results = json.loads((tmp_path / "learning.json").read_text())

@@ -291,16 +291,17 @@ def report(args, curves: dict[str, list[dict]], meta: dict) -> str:
             points = curves[name]
             point = points[index] if index < len(points) else None
             row += (
-                ["", "", ""]
+                ["", "", "", ""]
                 if point is None
                 else [
                     str(point["samples"]),
+                    str(point["steps"]),
                     f"{point['recovery_error']:.3f}",
                     f"{point['seconds']:.0f}",
                 ]
             )
         rows.append(row)
-    header = [f"{n} {what}" for n in names for what in ("samples", "error", "s")]
+    header = [f"{n} {what}" for n in names for what in ("samples", "steps", "error", "s")]
     lines += markdown_table(header, rows, align="r" * len(header))
     return "\n".join(lines) + "\n"
 
