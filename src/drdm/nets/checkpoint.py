@@ -99,15 +99,16 @@ def _load_strictly(net: torch.nn.Module, state: Mapping[str, torch.Tensor], path
     net.load_state_dict(state, strict=True)
 
 
-def _network_state(path, checkpoint: Mapping) -> dict[str, torch.Tensor]:
+def network_state(path, checkpoint: Mapping, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """The recovery network's weights in a Lightning checkpoint of ``DRDMModule``.
 
-    The EMA copy (``ema.module.*``) when the run kept one, else the trained net (``net.*``).
+    The EMA copy (``ema.module.*``) when ``use_ema`` and the run kept one, else the trained net
+    (``net.*``); keys without the prefix.
     """
     state = checkpoint.get("state_dict")
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} is a Lightning checkpoint without a 'state_dict'")
-    for prefix in ("ema.module.", "net."):
+    for prefix in ("ema.module.", "net.") if use_ema else ("net.",):
         weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if weights:
             return weights
@@ -139,7 +140,7 @@ def initialise_from(net: torch.nn.Module, path: str | os.PathLike, map_location=
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as error:
             raise ValueError(f"cannot read {path} as a Lightning checkpoint: {error}") from error
-        state = _network_state(path, checkpoint)
+        state = network_state(path, checkpoint)
     else:
         state = _read_state_dict(path, map_location)
     _load_strictly(net, state, path)

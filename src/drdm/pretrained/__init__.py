@@ -60,14 +60,10 @@ def export_checkpoint(
     ``start_step``) are stored for ``DRDM.load`` to use where its caller sets nothing. The
     result loads with ``DRDMModule.load_from_checkpoint`` and ``DRDM.load``; written atomically.
     """
+    from drdm.nets.checkpoint import network_state
+
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-    state = checkpoint["state_dict"]
-    prefix = (
-        "ema.module." if use_ema and any(k.startswith("ema.module.") for k in state) else "net."
-    )
-    weights = {"net." + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if not weights:
-        raise ValueError(f"{source} holds no DRDMModule network weights")
+    weights = {"net." + k: v for k, v in network_state(source, checkpoint, use_ema).items()}
     hyper_parameters = dict(checkpoint["hyper_parameters"])
     # no EMA copy, no init file, no figures folder of the machine that trained it
     hyper_parameters.update(ema_decay=None, init_weights=None, figure_dir=None)
