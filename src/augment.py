@@ -18,7 +18,7 @@ os.environ.setdefault("DRDM_ROOT", str(Path(__file__).resolve().parents[1]))
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="augment")
 def main(cfg: DictConfig) -> None:
-    from drdm.utils.augment_files import augment
+    from drdm.generation.files import augment
 
     t0 = cfg.t0
     summary = augment(
@@ -31,7 +31,9 @@ def main(cfg: DictConfig) -> None:
         slice_axis=int(cfg.slice_axis),
         device=cfg.device,
         use_ema=bool(cfg.use_ema),
+        progress=bool(cfg.progress),
         drdm_options=OmegaConf.to_container(cfg.generation, resolve=True),
+        drdm_defaults=OmegaConf.to_container(cfg.generation_defaults, resolve=True),
     )
     print(
         f"{summary['inputs']} inputs: {summary['generated']} samples generated, "

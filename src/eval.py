@@ -18,6 +18,7 @@ ratio, SD log-Jacobian; units in
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -33,26 +34,20 @@ from omegaconf import DictConfig
 # outputs go to <checkout>/logs wherever the script is started from (conf/paths/default.yaml)
 os.environ.setdefault("DRDM_ROOT", str(Path(__file__).resolve().parents[1]))
 
-# registers the resolvers of conf/hardware (composed by conf/eval.yaml like conf/train.yaml)
-import drdm.utils.training  # noqa: E402, F401
 from drdm.data.io import save_nifti  # noqa: E402
 from drdm.deform import warp  # noqa: E402
 from drdm.fields import write_displacement_field  # noqa: E402
-from drdm.metrics.registration import pair_metrics  # noqa: E402
+from drdm.metrics.registration import PAIR_METRICS, pair_metrics  # noqa: E402
 from drdm.models.registration import RegistrationModule  # noqa: E402
+from drdm.training import register_resolvers  # noqa: E402
 from drdm.utils.atomic import write_csv_atomic  # noqa: E402
 from drdm.utils.instantiate import build  # noqa: E402
+from drdm.utils.progress import progress_bar  # noqa: E402
 
-METRIC_ORDER = (
-    "dice",
-    "hd95",
-    "asd",
-    "tre",
-    "field_error",
-    "field_error_foreground",
-    "folding_ratio",
-    "sd_log_jacobian",
-)
+# the resolvers of conf/hardware (composed by conf/eval.yaml like conf/train.yaml)
+register_resolvers()
+
+log = logging.getLogger(__name__)
 
 
 def load_registration(checkpoint: str | Path, device: torch.device) -> RegistrationModule:
@@ -67,7 +62,7 @@ def load_registration(checkpoint: str | Path, device: torch.device) -> Registrat
 
 def training_mode(checkpoint: str | Path) -> str:
     """The ``mode`` a checkpoint was trained with (from its stored hyper-parameters)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return str(state.get("hyper_parameters", {}).get("mode", "unknown"))
 
 
@@ -121,6 +116,35 @@ def summarise(rows: Sequence[Mapping], metrics: Sequence[str]) -> list[dict]:
     return summary
 
 
+def _evaluate_batch(cfg, model, mode: str, batch: Mapping, rows: list, output_dir: Path) -> bool:
+    """Metrics (appended to ``rows``) and outputs of one batch; ``True`` once ``max_pairs``
+    pairs are done."""
+    with torch.no_grad():
+        displacement = model(batch["moving"], batch["fixed"])
+    metrics = pair_metrics(displacement, batch, num_classes=cfg.num_classes)
+    warped = warp(batch["moving"], displacement)
+    warped_label = None
+    if "moving_label" in batch:
+        warped_label = warp(batch["moving_label"], displacement, mode="nearest")
+    for index, pair_id in enumerate(batch["id"]):
+        row = {"id": str(pair_id), "mode": mode}
+        row.update({name: float(values[index]) for name, values in metrics.items()})
+        rows.append(row)
+        if cfg.write_outputs:
+            folder = output_dir / "pairs" / _safe_name(pair_id)
+            labelled = warped_label is not None and bool((batch["moving_label"][index] >= 0).all())
+            write_pair_outputs(
+                folder, batch, index, displacement, warped, warped_label if labelled else None
+            )
+    dice = metrics.get("dice")
+    log.info(
+        "pairs %s: done%s",
+        ", ".join(map(str, batch["id"])),
+        "" if dice is None else f", mean Dice {float(dice.float().mean()):.4f}",
+    )
+    return cfg.max_pairs is not None and len(rows) >= cfg.max_pairs
+
+
 def evaluate(cfg: DictConfig) -> Path:
     """Run the evaluation described by ``cfg`` (see ``conf/eval.yaml``); return ``metrics.csv``."""
     if cfg.get("torch_threads"):
@@ -134,32 +158,17 @@ def evaluate(cfg: DictConfig) -> Path:
     loader = datamodule.test_dataloader()
     output_dir = Path(cfg.output_dir)
     rows: list[dict] = []
-    for batch in loader:
-        batch = _to_device(batch, device)
-        with torch.no_grad():
-            displacement = model(batch["moving"], batch["fixed"])
-        metrics = pair_metrics(displacement, batch, num_classes=cfg.num_classes)
-        warped = warp(batch["moving"], displacement)
-        warped_label = None
-        if "moving_label" in batch:
-            warped_label = warp(batch["moving_label"], displacement, mode="nearest")
-        for index, pair_id in enumerate(batch["id"]):
-            row = {"id": str(pair_id), "mode": mode}
-            row.update({name: float(values[index]) for name, values in metrics.items()})
-            rows.append(row)
-            if cfg.write_outputs:
-                folder = output_dir / "pairs" / _safe_name(pair_id)
-                labelled = warped_label is not None and bool(
-                    (batch["moving_label"][index] >= 0).all()
-                )
-                write_pair_outputs(
-                    folder, batch, index, displacement, warped, warped_label if labelled else None
-                )
-        if cfg.max_pairs is not None and len(rows) >= cfg.max_pairs:
-            break
+    total = len(loader.dataset)
+    if cfg.max_pairs is not None:
+        total = min(total, int(cfg.max_pairs))
+    with progress_bar(total, "pair", enabled=bool(cfg.get("progress", True))) as bar:
+        for batch in loader:
+            if _evaluate_batch(cfg, model, mode, _to_device(batch, device), rows, output_dir):
+                break
+            bar.update(min(len(batch["id"]), total - bar.n))
     if not rows:
         raise ValueError("the test split has no registration pairs; check the data config")
-    present = [name for name in METRIC_ORDER if any(name in row for row in rows)]
+    present = [name for name in PAIR_METRICS if any(name in row for row in rows)]
     csv_path = write_csv(output_dir / "metrics.csv", rows, ["id", "mode", *present])
     write_csv(
         output_dir / "summary.csv", summarise(rows, present), ["metric", "mean", "std", "count"]

@@ -15,8 +15,10 @@ from omegaconf import DictConfig
 # outputs go to <checkout>/logs wherever the script is started from (conf/paths/default.yaml)
 os.environ.setdefault("DRDM_ROOT", str(Path(__file__).resolve().parents[1]))
 
-# registers the resolvers conf/hardware uses before Hydra composes the config
-from drdm.utils.training import optimized_metric, train  # noqa: E402
+from drdm.training import optimized_metric, register_resolvers, train  # noqa: E402
+
+# the resolvers conf/hardware uses, before Hydra composes the config
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from drdm.training import register_resolvers
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(
     os.environ.get("DRDM_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "data" / "drdm_reference")
@@ -17,6 +19,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # tests start) only oversubscribe the CPU, which slows tiny convolutions down many times over
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# the configs the tests compose use drdm's resolvers, as the scripts do
+register_resolvers()
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,10 @@ import torch
 
 from drdm.data.io import save_nifti
 from drdm.deform import folding_ratio, warp
-from drdm.generate import DRDM
+from drdm.generation import DRDM
+from drdm.generation import files as augment_files
+from drdm.generation.files import augment
 from drdm.models import DRDMModule
-from drdm.utils import augment_files
-from drdm.utils.augment_files import augment
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -136,10 +136,17 @@ def test_augment_cli_writes_geometry_preserving_outputs(checkpoint, inputs, tmp_
         f"num_samples={NUM_SAMPLES}",
         "seed=5",
         "device=cpu",
+        # a few-step chain, through the config (the model's T is 20)
+        "generation.sampling_steps=4",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    # a progress bar over all samples, and one log line per finished block of each input
+    total = 2 * NUM_SAMPLES
+    assert f"{total}/{total}" in result.stderr and "sample/s" in result.stderr, result.stderr
+    log = (tmp_path / "hydra" / "augment.log").read_text()
+    assert "slice: samples 0, 1, 2 written in" in log and "stack: samples" in log, log
 
     rows = list(csv.DictReader(open(output / "manifest.csv")))
     assert sorted((r["input"], int(r["k"])) for r in rows) == [

@@ -7,7 +7,6 @@ prepended here the same way.
 
 import importlib
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -67,18 +66,48 @@ def test_generation_benchmark_quick(benchmarks, tmp_path):
     output = tmp_path / "generation.md"
     benchmarks("generation").main(["--quick", "--output", str(output)])
     report = output.read_text()
-    rows = _table_rows(report)
-    assert [row[0] for row in rows] == [
-        "reference procedure (one sample at a time)",
-        "ours, `DRDM.generate` fp32",
-        "ours, reference procedure batched",
+    schedules, speed = report.split("## Speed of the shipped default")
+    schedules, per_slice = schedules.split("Per slice")
+    rows = _table_rows(schedules)
+    assert [row[0].split(" **")[0] for row in rows] == [
+        "T:all",
+        "T:all/1",
+        "T:4",
+        "T:2:repeat",
+        "t0:2:remaining",
+        "T:2@0",
     ]
-    assert [row[1] for row in rows] == ["1", "2", "2"]  # batch
-    assert [row[2] for row in rows] == ["0", "4", "0"]  # margin: the default is M // 8
-    assert rows[0][5] == "1.00x" and all(float(row[3]) > 0 for row in rows)
-    # same network, fields, seeds and t0: the batched fields equal the one-at-a-time ones
-    assert float(rows[2][8]) < 1e-3
-    assert re.search(r"recovered from step 7 \(8 network calls\)", report)
+    # margin: conf/augment.yaml's eighth of the 32 px model unless @M
+    assert [row[1] for row in rows] == ["4", "4", "4", "4", "4", "0"]
+    assert [float(row[3]) for row in rows] == [8, 8, 4, 2, 2, 2]  # network calls per sample
+    assert rows[1][2] == "1" and all(float(row[4]) > 0 for row in rows)  # T:all/1: batch 1
+    # the first row is the baseline: no distance to itself, and within its own spread
+    assert rows[0][10] == "0.00 ± 0.00" and rows[0][11] == "yes"
+    assert [row[0] for row in _table_rows(per_slice)] == [r[0].split(" **")[0] for r in rows]
+    assert sum("(pick)" in row[0] for row in rows) == 1
+    data = json.loads(output.with_suffix(".json").read_text())
+    assert set(data) == {"schedules", "speed"}
+    assert len(data["schedules"]["rows"][2]["samples"]["dice"]) == 2  # per-sample figures kept
+    assert output.with_name("generation_samples.png").stat().st_size > 0
+    speed_rows = _table_rows(speed)
+    assert [row[0] for row in speed_rows] == [
+        "authors' procedure (fp32)",
+        "shipped default (fp32)",
+        "T:5:once@16 (fp32)",
+    ]
+    assert [row[1] for row in speed_rows] == ["1", "2", "2"] and speed_rows[0][6] == "1.00x"
+    assert [row[2] for row in speed_rows] == ["0", "4", "16"]  # margins: shipped 1/8 of 32 px
+    assert [row[3] for row in speed_rows] == ["8", "5", "5"]  # calls: T = 8 in the smoke run
+    # --report-only rebuilds the same report from the JSON
+    benchmarks("generation").main(["--quick", "--report-only", "--output", str(output)])
+    assert output.read_text() == report
+
+
+def test_generation_benchmark_rejects_a_bad_schedule(benchmarks, tmp_path):
+    with pytest.raises(ValueError, match="schedule 'X:10'"):
+        benchmarks("generation").main(
+            ["--quick", "--output", str(tmp_path / "g.md")] + ["--schedules", "X:10"]
+        )
 
 
 def test_generation_benchmark_missing_checkpoint(benchmarks, tmp_path):

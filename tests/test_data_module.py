@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers.data_trees import write_acdc_tree, write_learn2reg_tree, write_nifti_folder
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -14,7 +15,6 @@ from drdm.data import ACDCSource, Learn2RegSource, NiftiFolderSource, SubjectDat
 from drdm.data.io import load_nifti
 from drdm.data.preprocessing import PreprocessingConfig, preprocess_volume
 from drdm.data.slicing import extract_slices
-from drdm.data.testing import write_acdc_tree, write_learn2reg_tree, write_nifti_folder
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ACDC_CLASSES = ["background", "rv", "myocardium", "lv"]

@@ -7,11 +7,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.data_trees import write_acdc_tree, write_learn2reg_tree, write_nifti_folder
 
 from drdm.data import ACDCSource, Learn2RegSource, NiftiFolderSource, load_nifti, save_nifti
 from drdm.data.preprocessing import PreprocessingConfig, preprocess_volume
 from drdm.data.slicing import extract_slices, slice_affine
-from drdm.data.testing import write_acdc_tree, write_learn2reg_tree, write_nifti_folder
 
 
 def test_save_load_roundtrip_keeps_affine_and_is_atomic(tmp_path):

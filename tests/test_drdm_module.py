@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from drdm.deform import warp
-from drdm.generate import DRDM
+from drdm.generation import DRDM
 from drdm.models import DRDMModule
 
 
@@ -98,13 +98,14 @@ def test_loss_decreases_on_a_tiny_fixed_problem():
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
 
 
-def _fit(module, tmp_path, steps=2, size=32, ndims=2):
+def _fit(module, tmp_path, steps=2, size=32, ndims=2, **trainer_options):
     images = blob_images(batch=8, size=size, ndims=ndims)
     data = [{"image": images[i]} for i in range(8)]
     loader = torch.utils.data.DataLoader(data, batch_size=2)
     trainer = L.Trainer(
         max_epochs=1,
         limit_train_batches=steps,
+        **trainer_options,
         limit_val_batches=1,
         logger=False,
         enable_checkpointing=False,
@@ -119,12 +120,17 @@ def _fit(module, tmp_path, steps=2, size=32, ndims=2):
 
 def test_checkpoint_round_trip_rebuilds_the_module(tmp_path):
     module = tiny_module(ema_decay=0.9, figure_every_n_epochs=1, figure_t0=6)
-    trainer = _fit(module, tmp_path)
+    trained = {}
+
+    class KeepTrainedWeights(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            trained.update({k: v.clone() for k, v in pl_module.net.state_dict().items()})
+
+    trainer = _fit(module, tmp_path, callbacks=[KeepTrainedWeights()])
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    # the EMA copy moved away from the initial weights and differs from the trained net
-    ema_weight = module.ema.module.conv_out.weight
-    assert not torch.equal(ema_weight, module.net.conv_out.weight)
+    # after fitting the module holds the EMA weights, not the last trained ones
+    assert not torch.equal(trained["conv_out.weight"], module.net.conv_out.weight)
     assert (tmp_path / "figures").is_dir() and any((tmp_path / "figures").glob("*.png"))
 
     loaded = DRDMModule.load_from_checkpoint(path, map_location="cpu")
@@ -148,10 +154,37 @@ def test_three_dimensional_module_trains_a_step(tmp_path):
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
 
 
-def test_ema_warm_up_follows_early_and_averages_late():
-    from drdm.models.drdm_module import _warmed_up_ema
+def test_ema_updates_once_per_optimiser_step_with_accumulated_gradients(tmp_path):
+    """4 batches with accumulate_grad_batches=2 are 2 optimiser steps: 2 EMA updates, and the
+    EMA is the warmed-up average of the weights after each of those steps (a per-batch update
+    would count 4 and average in the unchanged weights of the in-between batches)."""
+    from drdm.models.ema import WarmedUpEMA
 
-    average = _warmed_up_ema(0.999)
+    module = tiny_module(ema_decay=0.5, figure_every_n_epochs=0)
+    after_steps = []
+
+    class WeightsAfterEachStep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if (batch_idx + 1) % 2 == 0:
+                after_steps.append(pl_module.net.conv_out.weight.detach().clone())
+
+    # after the EMA callback (the module's callbacks come last): see the weights it averaged
+    trainer = _fit(
+        module, tmp_path, steps=4, accumulate_grad_batches=2, callbacks=[WeightsAfterEachStep()]
+    )
+    ema = next(c for c in trainer.callbacks if isinstance(c, WarmedUpEMA))
+    assert trainer.global_step == 2 and int(ema._average_model.n_averaged) == 2
+    # first update copies, the second uses weight min(0.5, 2/11) for the old average
+    expected = after_steps[0].lerp(after_steps[1], 1 - 2 / 11)
+    averaged = ema.averaged_module.net.conv_out.weight
+    torch.testing.assert_close(module.net.conv_out.weight, expected)  # left in the module
+    assert torch.equal(averaged, module.net.conv_out.weight)
+
+
+def test_ema_warm_up_follows_early_and_averages_late():
+    from drdm.models.ema import warmed_up_ema
+
+    average = warmed_up_ema(0.999)
     early = average(torch.zeros(()), torch.ones(()), torch.tensor(1))
     late = average(torch.zeros(()), torch.ones(()), torch.tensor(100_000))
     # after one update the weight of the new value is 1 - 2/11; late it is 1 - decay

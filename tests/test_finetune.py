@@ -11,7 +11,7 @@ import torch
 from test_train import compose_train
 
 from drdm.nets import RecResACNet, initialise_from, load_reference_checkpoint
-from drdm.utils.training import train
+from drdm.training import train
 
 CHECKPOINT = "cmr_recresacnet_reference.pth"
 

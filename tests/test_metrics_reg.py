@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from drdm.deform import warp
+from drdm.losses import gradient_smoothness, local_ncc
 from drdm.metrics.registration import (
     endpoint_error,
-    gradient_smoothness,
-    local_ncc,
     pair_metrics,
     sample_at_points,
     target_registration_error,

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning
 import nibabel as nib
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from drdm.generate import DRDM
+from drdm.generation import DRDM
 from drdm.metrics.recovery import evaluate_recovery, fixed_validation_fields
 from drdm.models import DRDMModule
 from drdm.pretrained import DEFAULT_MODEL, export_checkpoint, resolve_checkpoint
@@ -58,23 +59,36 @@ def test_packaged_samples_move_the_anatomy_without_folding():
     assert float(torch.as_tensor(out.folding_ratio).max()) < 0.01
 
 
-def test_export_keeps_the_ema_weights_and_drops_the_training_state(tmp_path):
+@pytest.mark.parametrize("layout", ["weight_averaging", "legacy"])
+def test_export_keeps_the_ema_weights_and_drops_the_training_state(tmp_path, layout):
     module = DRDMModule(
         net={"_target_": "drdm.nets.RecResACNet", "channels": [4, 4, 4], "recursions": 1},
         deformation={"_target_": "drdm.deform.RandomDeformation", "ndims": 2, "control_size": 16},
         image_size=(32, 32),
         ema_decay=0.9,
     )
-    with torch.no_grad():
-        for parameter in module.ema.module.parameters():
-            parameter.add_(0.5)
+    trained = module.state_dict()
+    averaged = {k: v + 0.5 if v.is_floating_point() else v for k, v in trained.items()}
+    if layout == "weight_averaging":  # Lightning's WeightAveraging: the average in state_dict
+        checkpoint = {"state_dict": averaged, "current_model_state": trained}
+    else:  # before the callback: the average beside the net as ema.module.*
+        ema = {"ema.module." + k[len("net.") :]: v for k, v in averaged.items()}
+        checkpoint = {"state_dict": {**trained, **ema}}
     full = tmp_path / "full.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, full)
+    version = {"pytorch-lightning_version": lightning.__version__}
+    torch.save({**checkpoint, "hyper_parameters": dict(module.hparams), **version}, full)
     slim = export_checkpoint(full, tmp_path / "slim.ckpt")
     loaded = DRDMModule.load_from_checkpoint(slim)
-    assert loaded.ema is None
-    for name, tensor in module.ema.module.state_dict().items():
-        assert torch.equal(loaded.net.state_dict()[name], tensor), name
+    assert loaded.hparams.ema_decay is None and "current_model_state" not in torch.load(slim)
+    for name, tensor in loaded.net.state_dict().items():
+        assert torch.equal(tensor, averaged["net." + name]), name
+    # the trained weights on request, and a legacy checkpoint loads as the module it was
+    raw = export_checkpoint(full, tmp_path / "raw.ckpt", use_ema=False)
+    for name, tensor in DRDMModule.load_from_checkpoint(raw).net.state_dict().items():
+        assert torch.equal(tensor, trained["net." + name]), name
+    restored = DRDMModule.load_from_checkpoint(full)
+    for name, tensor in restored.net.state_dict().items():
+        assert torch.equal(tensor, averaged["net." + name]), name
 
 
 @pytest.mark.slow

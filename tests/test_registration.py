@@ -26,6 +26,11 @@ BSPLINE = {
 }
 
 
+def adam(lr: float) -> dict:
+    """A partial Adam config, as conf/model/registration.yaml writes it."""
+    return {"_target_": "torch.optim.Adam", "_partial_": True, "lr": lr}
+
+
 def _blobs(count: int, shape, seed: int) -> torch.Tensor:
     """Smooth random images ``[count, 1, *shape]`` in 0..1 (structure at several scales)."""
     generator = torch.Generator().manual_seed(seed)
@@ -146,7 +151,11 @@ def test_velocity_integration_prevents_folding():
 def test_fit_and_test_each_mode(mode):
     L.seed_everything(0)
     model = RegistrationModule(
-        SMALL_NET, mode=mode, field_sources={"synthetic_bspline": BSPLINE}, lr=1e-3, ncc_window=5
+        SMALL_NET,
+        mode=mode,
+        field_sources={"synthetic_bspline": BSPLINE},
+        optimizer=adam(1e-3),
+        ncc_window=5,
     )
     loader = DataLoader(ShiftPairs(), batch_size=2)
     trainer = _trainer(steps=2)
@@ -176,7 +185,7 @@ def test_synthetic_training_learns_the_field():
         field_sources={"synthetic_bspline": source},
         similarity_weight=0.0,
         smoothness_weight=0.0,
-        lr=3e-3,
+        optimizer=adam(3e-3),
     )
     optimizer = model.configure_optimizers()
     images = torch.sigmoid(10 * (_blobs(16, (32, 32), seed=3) - 0.5))  # sharp edges

@@ -10,14 +10,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.overrides import TINY_REGISTRATION
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from test_train import compose_train
 
 from drdm.deform import warp
 from drdm.models.registration import RegistrationModule
+from drdm.training import train
 from drdm.utils.instantiate import build
-from drdm.utils.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = [
@@ -26,26 +27,6 @@ MODES = [
     "synthetic_bspline+real",
     "synthetic_drdm",
     "synthetic_drdm+real",
-]
-TINY_REGISTRATION = [
-    "experiment=default_registration",
-    "torch_threads=1",
-    "logger=csv",
-    "callbacks=none",
-    "test=false",
-    "data.image_size=[32,32]",
-    "data.batch_size=2",
-    "data.eval_batch_size=2",
-    "data.pairs.max_pairs_eval=2",
-    "model.ncc_window=5",
-    "model.net.encoder_channels=[4,8]",
-    "model.net.decoder_channels=[8,8]",
-    "model.net.final_channels=[4]",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=1",
-    "trainer.limit_val_batches=1",
-    "+trainer.enable_progress_bar=false",
-    "+trainer.enable_model_summary=false",
 ]
 
 

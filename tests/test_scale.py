@@ -20,6 +20,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers.overrides import CPU_DDP, TINY_REGISTRATION
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,7 +28,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf, open_dict
 
-from drdm.utils.training import (
+from drdm.training import (
     check_launch,
     count_devices,
     effective_batch_size,
@@ -124,6 +125,17 @@ class RankRecorder(L.Callback):
         (folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+class TestRowsRecorder(L.Callback):
+    """Writes, per rank, the registration module's per-pair test rows and logged test metrics."""
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        folder = Path(trainer.default_root_dir) / "test_records"
+        folder.mkdir(parents=True, exist_ok=True)
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        record = {"rows": pl_module.test_rows, "logged": logged, "world_size": trainer.world_size}
+        (folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
 # ------------------------------------------------------------------ batch and learning-rate rules
 
 
@@ -200,7 +212,7 @@ def test_lr_follows_the_effective_batch(tmp_path):
     )
     scaling = scale_batch_and_lr(segmentation, world_size=1)
     assert scaling["lr_factor"] == 2.0
-    assert segmentation.model.lr == pytest.approx(2 * 3e-3)
+    assert segmentation.model.optimizer.lr == pytest.approx(2 * 3e-3)
 
 
 def test_rank_seeds_are_deterministic_and_distinct():
@@ -271,30 +283,30 @@ def test_optimized_metric_names_what_was_logged():
 # ------------------------------------------------------------------ real runs
 
 
+def run_train_script(root: Path, arguments: list[str], task: str) -> Path:
+    """``python src/train.py ARGUMENTS task_name=TASK`` in a child process; its one run folder."""
+    command = [sys.executable, str(TRAIN_SCRIPT), *arguments, f"task_name={task}"]
+    done = subprocess.run(
+        command, cwd=root, env=subprocess_env(root), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    runs = list((root / "logs" / task / "runs").iterdir())
+    assert len(runs) == 1, runs  # under DDP the second rank writes into the first rank's folder
+    return runs[0]
+
+
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_trains_each_rank_on_its_own_samples(tmp_path):
-    command = [
-        sys.executable,
-        str(TRAIN_SCRIPT),
+    arguments = [
         *TINY,
         "trainer.limit_train_batches=2",
-        "hardware=ddp",
-        "hardware.accelerator=cpu",
-        "hardware.devices=2",
-        "hardware.precision=32-true",
+        *CPU_DDP,
         "hardware.lr_scaling=linear",
         "hardware.base_batch_size=2",
         "model.optimizer.lr=1e-4",
         "+callbacks.rank_record._target_=test_scale.RankRecorder",
-        "task_name=ddp",
     ]
-    done = subprocess.run(
-        command, cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    runs = list((tmp_path / "logs" / "ddp" / "runs").iterdir())
-    assert len(runs) == 1, runs  # the second rank wrote into the first rank's folder
-    run = runs[0]
+    run = run_train_script(tmp_path, arguments, "ddp")
 
     records = [json.loads((run / "rank_records" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in records] == [2, 2]
@@ -316,6 +328,32 @@ def test_ddp_on_two_cpu_processes_trains_each_rank_on_its_own_samples(tmp_path):
     logged = yaml.safe_load(next(run.glob("csv/version_*/hparams.yaml")).read_text())
     assert logged["hardware"]["effective_batch_size"] == 4
     assert logged["hardware"]["lr"] == pytest.approx(2e-4)
+
+
+@pytest.mark.slow
+def test_ddp_registration_test_metrics_are_exact_and_every_rank_has_every_pair(tmp_path):
+    """Two gloo processes test 4 pairs (2 each): the logged means equal the means over all
+    pairs' rows (torchmetrics reduces sums, not per-rank means), on both ranks."""
+    arguments = [
+        *TINY_REGISTRATION,
+        "model.mode=unsupervised",
+        "test=true",
+        "data.eval_batch_size=1",
+        "data.pairs.max_pairs_eval=4",
+        *CPU_DDP,
+        "+callbacks.test_rows._target_=test_scale.TestRowsRecorder",
+    ]
+    run = run_train_script(tmp_path, arguments, "ddp_registration")
+    records = [json.loads((run / "test_records" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in records] == [2, 2]
+    ids = [[row["id"] for row in r["rows"]] for r in records]
+    assert len(ids[0]) == 4 and len(set(ids[0])) == 4 and sorted(ids[0]) == sorted(ids[1])
+    rows = records[0]["rows"]
+    for name in ("dice", "field_error", "folding_ratio"):
+        values = [row[name] for row in rows if math.isfinite(row[name])]
+        expected = sum(values) / len(values)
+        for record in records:
+            assert record["logged"][f"test/{name}"] == pytest.approx(expected, rel=1e-5), name
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
-from drdm.models.segmentation import SegmentationModule, soft_dice_loss
+from drdm.losses import soft_dice_loss
+from drdm.models.segmentation import SegmentationModule
 from drdm.nets.segmentation_unet import SegmentationUNet
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -79,7 +80,7 @@ def test_fit_and_test_log_per_class_metrics_and_figures(tmp_path):
         },
         class_names=data.class_names,
         augmentation=_strategy("drdm_forward"),
-        lr=3e-3,
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3},
         figure_every_n_epochs=1,
         figure_samples=2,
     )

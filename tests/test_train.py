@@ -12,8 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from drdm.training import train
 from drdm.utils.instantiate import build
-from drdm.utils.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

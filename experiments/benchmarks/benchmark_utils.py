@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import machine_description  # noqa: F401 (re-exported for the benchmarks)
 
 from drdm.utils.atomic import write_text_atomic
-from drdm.utils.machine import machine_description  # noqa: F401 (re-exported for the benchmarks)
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -1,7 +1,7 @@
 """Learning-curve benchmark: how fast DRDM training reduces the recovery error, per recipe.
 
 Not a test. Each recipe is a list of Hydra overrides of ``conf/train.yaml`` (embedded data, 2D
-64 x 64, the same RecResACNet); it trains through ``drdm.utils.training.train`` (the real
+64 x 64, the same RecResACNet); it trains through ``drdm.training.train`` (the real
 Trainer, exactly what ``src/train.py`` runs) in its own process, one thread each, side by side.
 Every ``--eval-every`` training samples a callback measures the recovery error
 (:mod:`drdm.metrics.recovery`) of the network used for generation (the EMA copy when the recipe
@@ -129,9 +129,11 @@ class LearningCurve(L.Callback):
 
     def _measure(self, trainer, pl_module) -> None:
         from drdm.metrics.recovery import evaluate_recovery
+        from drdm.models.ema import averaged_net
 
         deformed, t, target = (x.to(pl_module.device) for x in self.validation)
-        measured = evaluate_recovery(pl_module.inference_net, deformed, t, target)
+        # the EMA's averaged copy where the run keeps one (what validation and generation use)
+        measured = evaluate_recovery(averaged_net(trainer, pl_module), deformed, t, target)
         point = {
             "samples": self.samples,
             "steps": trainer.global_step,
@@ -150,8 +152,9 @@ def run_recipe(args: argparse.Namespace) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from drdm.utils.training import train
+    from drdm.training import register_resolvers, train
 
+    register_resolvers()
     overrides = [*RECIPES[args.recipe], *COMMON, *args.override, f"torch_threads={args.threads}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)

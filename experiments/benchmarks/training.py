@@ -44,12 +44,12 @@ from benchmark_utils import (
     write_atomic,
 )
 from deformation import loop_on_full_grid
+from machine import cpu_bf16_flags
 from omegaconf import OmegaConf
 from torch import nn
 
 from drdm.deform import RandomDeformation
 from drdm.models import DRDMModule
-from drdm.utils.machine import cpu_bf16_flags
 
 # batch: samples per step of ours; schedule: overrides of both generators (quick runs only)
 CASES = {

@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "experiments" / "benchmarks"))
 from benchmark_utils import machine_description  # noqa: E402
 
 from drdm.deform import folding_ratio, warp  # noqa: E402
-from drdm.generate import DRDM  # noqa: E402
+from drdm.generation import DRDM  # noqa: E402
+from drdm.generation.chain import recover, start_steps  # noqa: E402
 from drdm.metrics.recovery import evaluate_recovery, fixed_validation_fields  # noqa: E402
-from drdm.models.recovery import recover, start_steps  # noqa: E402
 from drdm.utils.atomic import save_figure_atomic, write_text_atomic  # noqa: E402
 from drdm.utils.figures import plot_deformed_grid  # noqa: E402
 

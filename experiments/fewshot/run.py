@@ -37,10 +37,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TRAIN = ROOT / "src" / "train.py"
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent / "benchmarks"))  # machine.py: what a result ran on
 
 from aggregate import aggregate, write_text_atomic  # noqa: E402
-
-from drdm.utils.machine import machine_description  # noqa: E402
+from machine import machine_description  # noqa: E402
 
 # quiet, single-threaded jobs: the rich progress bar floods a log file and threads oversubscribe
 # a shared CPU

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 from drdm.data.io import load_nifti, nifti_stem  # noqa: E402
 from drdm.deform import jacobian_determinant  # noqa: E402
+from drdm.generation.files import find_label  # noqa: E402
 from drdm.utils.atomic import save_figure_atomic  # noqa: E402
-from drdm.utils.augment_files import find_label  # noqa: E402
 
 
 def _plane(array: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""DRDM training objective (method §4), pure torch.
+"""Training losses, pure torch: the DRDM objective (method §4), and the segmentation and
+registration losses (soft Dice, local NCC, gradient smoothness).
 
 All fields are ``[B, ndims, *spatial]`` displacements in **voxels**. The losses convert them to
 grid_sample-normalised units (``2 / (n - 1)`` per voxel along each axis, i.e. the authors' units)
@@ -162,3 +163,60 @@ class DRDMLoss:
             "smoothness": smoothness,
             "folding": folding,
         }
+
+
+# ---------------------------------------------------------------------- segmentation
+def soft_dice_loss(logits: torch.Tensor, label: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - mean soft Dice over samples and foreground classes.
+
+    Args:
+        logits: ``[B, C, *S]`` class scores.
+        label: ``[B, 1, *S]`` int64 in ``0 .. C-1``.
+    """
+    num_classes = logits.shape[1]
+    probabilities = logits.softmax(dim=1)[:, 1:]
+    target = F.one_hot(label[:, 0], num_classes).movedim(-1, 1)[:, 1:].to(probabilities)
+    axes = tuple(range(2, logits.ndim))
+    intersection = (probabilities * target).sum(axes)
+    total = probabilities.sum(axes) + target.sum(axes)
+    return 1.0 - ((2 * intersection + eps) / (total + eps)).mean()
+
+
+# ---------------------------------------------------------------------- registration
+def local_ncc(
+    warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: float = 1e-5
+) -> torch.Tensor:
+    """Mean local normalised cross-correlation ``[B]`` in ``[-1, 1]`` over ``window^ndims`` boxes.
+
+    Images ``[B, 1, *S]``. Squared NCC as in VoxelMorph would ignore anti-correlation; the plain
+    local correlation is used so that the loss ``-ncc`` is maximised only by matching images.
+    """
+    if warped.shape != fixed.shape or warped.ndim not in (4, 5):
+        raise ValueError(
+            f"warped {tuple(warped.shape)} and fixed {tuple(fixed.shape)} must both be "
+            "[B, C, *S] with 2 or 3 spatial dims"
+        )
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd number, got {window}")
+    pool = F.avg_pool2d if warped.ndim == 4 else F.avg_pool3d
+
+    def box(x: torch.Tensor) -> torch.Tensor:
+        return pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
+
+    mean_w, mean_f = box(warped), box(fixed)
+    var_w = (box(warped * warped) - mean_w**2).clamp(min=0)
+    var_f = (box(fixed * fixed) - mean_f**2).clamp(min=0)
+    covariance = box(warped * fixed) - mean_w * mean_f
+    ncc = covariance / torch.sqrt(var_w * var_f + eps)
+    return ncc.flatten(1).mean(1)
+
+
+def gradient_smoothness(displacement: torch.Tensor) -> torch.Tensor:
+    """VoxelMorph's l2 gradient penalty ``[B]``: squared forward differences, mean over
+    channels and voxels, averaged over the axes (voxels^2 per voxel^2)."""
+    ndims = check_displacement(displacement)
+    total = torch.zeros(displacement.shape[0], device=displacement.device)
+    for axis in range(ndims):
+        difference = torch.diff(displacement, dim=2 + axis)
+        total = total + difference.pow(2).flatten(1).mean(1)
+    return total / ndims

@@ -10,7 +10,7 @@ bilinearly, then argmax, which gives smoother label boundaries). Warp is a pull-
 
 Field sources, ``source(image [N, C, *S], t0 LongTensor[N]) -> displacement [N, ndims, *S]``:
 
-* :class:`DRDMField` — the trained DRDM (``drdm.generate.DRDM``), loaded from a checkpoint;
+* :class:`DRDMField` — the trained DRDM (``drdm.generation.DRDM``), loaded from a checkpoint;
 * :class:`ForwardDiffusionField` — the forward process alone (``drdm.deform.RandomDeformation``
   at ``t0``, no recovery): an ablation, and a source that needs no trained model.
 """
@@ -38,7 +38,7 @@ class DRDMField:
     """Fields from a frozen, trained DRDM, one generation per distinct ``t0`` in the batch.
 
     Args:
-        checkpoint: a DRDM checkpoint readable by ``drdm.generate.DRDM.load``.
+        checkpoint: a DRDM checkpoint readable by ``drdm.generation.DRDM.load``.
         generate_kwargs: extra keyword arguments for ``DRDM.generate``.
         load_kwargs: extra keyword arguments for ``DRDM.load`` (e.g. ``start_step: t0`` starts
             the recovery chain at ``t0 - 1`` instead of ``T - 1``: fewer network calls).
@@ -68,7 +68,7 @@ class DRDMField:
 
     def _model(self, device: torch.device):
         if self._drdm is None:
-            from drdm.generate import DRDM  # imported lazily: only this source needs it
+            from drdm.generation import DRDM  # imported lazily: only this source needs it
 
             self._drdm = DRDM.load(self.checkpoint, **self.load_kwargs)
         return self._drdm.to(device)

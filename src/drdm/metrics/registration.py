@@ -105,43 +105,17 @@ def endpoint_error(
     return (error * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
 
 
-def local_ncc(
-    warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: float = 1e-5
-) -> torch.Tensor:
-    """Mean local normalised cross-correlation ``[B]`` in ``[-1, 1]`` over ``window^ndims`` boxes.
-
-    Images ``[B, 1, *S]``. Squared NCC as in VoxelMorph would ignore anti-correlation; the plain
-    local correlation is used so that the loss ``-ncc`` is maximised only by matching images.
-    """
-    if warped.shape != fixed.shape or warped.ndim not in (4, 5):
-        raise ValueError(
-            f"warped {tuple(warped.shape)} and fixed {tuple(fixed.shape)} must both be "
-            "[B, C, *S] with 2 or 3 spatial dims"
-        )
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be a positive odd number, got {window}")
-    pool = F.avg_pool2d if warped.ndim == 4 else F.avg_pool3d
-
-    def box(x: torch.Tensor) -> torch.Tensor:
-        return pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
-
-    mean_w, mean_f = box(warped), box(fixed)
-    var_w = (box(warped * warped) - mean_w**2).clamp(min=0)
-    var_f = (box(fixed * fixed) - mean_f**2).clamp(min=0)
-    covariance = box(warped * fixed) - mean_w * mean_f
-    ncc = covariance / torch.sqrt(var_w * var_f + eps)
-    return ncc.flatten(1).mean(1)
-
-
-def gradient_smoothness(displacement: torch.Tensor) -> torch.Tensor:
-    """VoxelMorph's l2 gradient penalty ``[B]``: squared forward differences, mean over
-    channels and voxels, averaged over the axes (voxels^2 per voxel^2)."""
-    ndims = check_displacement(displacement)
-    total = torch.zeros(displacement.shape[0], device=displacement.device)
-    for axis in range(ndims):
-        difference = torch.diff(displacement, dim=2 + axis)
-        total = total + difference.pow(2).flatten(1).mean(1)
-    return total / ndims
+# every per-pair metric of :func:`pair_metrics`, in report order
+PAIR_METRICS = (
+    "dice",
+    "hd95",
+    "asd",
+    "tre",
+    "field_error",
+    "field_error_foreground",
+    "folding_ratio",
+    "sd_log_jacobian",
+)
 
 
 def _labels_present(batch: Mapping) -> torch.Tensor | None:

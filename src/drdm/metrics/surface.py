@@ -1,12 +1,15 @@
 """Surface-distance metrics per sample and class: HD95 and average symmetric surface distance.
 
 Distances are in millimetres: ``spacing`` gives the voxel size along each tensor axis (``[B,
-ndims]`` tensor, a sequence of ``ndims`` floats, or ``None`` for 1 mm). They are computed on the
-CPU with ``scipy.ndimage.distance_transform_edt(sampling=spacing)``, which is exact for
-anisotropic voxels.
+ndims]`` tensor, a sequence of ``ndims`` floats, or ``None`` for 1 mm). The surface distances
+are MONAI's (``monai.metrics.utils.get_mask_edges`` / ``get_surface_distance``: mask edges by
+face-connected erosion, exact Euclidean distance transforms for anisotropic voxels, on the
+CPU); this module adds the per-class loop, the spacing per sample and the empty-mask policy
+below. ``tests/test_metrics_monai.py`` checks the results against MONAI's
+``compute_hausdorff_distance`` / ``compute_average_surface_distance``.
 
-Surfaces are the mask voxels with at least one face-neighbour outside the mask. Directed
-distances run from every surface voxel of one mask to the nearest surface voxel of the other.
+Directed distances run from every surface voxel of one mask to the nearest surface voxel of
+the other.
 
 Empty masks:
 
@@ -23,7 +26,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from drdm.metrics.overlap import to_one_hot
 
@@ -46,23 +48,18 @@ def _spacing_per_sample(
     return values.numpy()
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Boolean surface voxels of a boolean mask (face connectivity)."""
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    # border_value=0: voxels on the image edge count as surface
-    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
-
-
 def _directed_distances(
     source: np.ndarray, destination: np.ndarray, spacing: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Distances (mm) from source surface to destination surface and back, both 1-D arrays."""
-    source_surface = _surface(source)
-    destination_surface = _surface(destination)
-    # distance of every voxel to the nearest surface voxel of the other mask
-    to_destination = ndimage.distance_transform_edt(~destination_surface, sampling=spacing)
-    to_source = ndimage.distance_transform_edt(~source_surface, sampling=spacing)
-    return to_destination[source_surface], to_source[destination_surface]
+    """Distances (mm) from source surface to destination surface and back, both 1-D arrays
+    (MONAI's mask edges and Euclidean surface distances)."""
+    from monai.metrics.utils import get_mask_edges, get_surface_distance
+
+    source_edges, destination_edges = get_mask_edges(source, destination, crop=True)
+    spacing = [float(s) for s in spacing]
+    forward = get_surface_distance(source_edges, destination_edges, "euclidean", spacing)
+    backward = get_surface_distance(destination_edges, source_edges, "euclidean", spacing)
+    return np.asarray(forward), np.asarray(backward)
 
 
 def _per_class(

@@ -23,12 +23,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.optim.swa_utils import AveragedModel
 
 from drdm.deform.spatial import warp
+from drdm.generation.chain import minmax_normalise, recover, start_steps
 from drdm.losses import DRDMLoss
+from drdm.metrics.mean import WeightedMean
 from drdm.metrics.recovery import RecoveryError
-from drdm.models.recovery import minmax_normalise, recover, start_steps
+from drdm.models.optim import ADAM, check_interval, configure
 from drdm.utils.instantiate import build, to_plain
 
 log = logging.getLogger(__name__)
@@ -56,20 +57,8 @@ def _check_parts(net: torch.nn.Module, deformation: torch.nn.Module, ndims: int,
             raise ValueError(f"{name}.timesteps={part_steps} but the schedule has T={steps}")
 
 
-def _warmed_up_ema(decay: float):
-    """EMA update whose decay grows as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates.
-
-    A fixed decay of 0.999 averages the first ~1000 steps' weights in, so for the first few
-    thousand steps the EMA network lags far behind the trained one (measured with
-    experiments/benchmarks/learning.py); the warm-up makes it follow early and average late.
-    """
-
-    def average(averaged: torch.Tensor, current: torch.Tensor, updates: torch.Tensor):
-        n = float(updates)
-        weight = min(decay, (1.0 + n) / (10.0 + n))
-        return averaged.lerp(current, 1.0 - weight)
-
-    return average
+# validation figures averaged over the set (``val/<name>``), weighted by batch size
+VALIDATION_MEANS = ("loss", "rse", "direction", "folding_ratio", "mse_recovered", "mse_deformed")
 
 
 class DRDMModule(L.LightningModule):
@@ -86,7 +75,9 @@ class DRDMModule(L.LightningModule):
         ndims: 2 or 3; image_size: the model's input size (for checks and generation).
         jitter_gain, jitter_bias: std of the per-sample intensity gain ``N(1, g)`` and bias
             ``N(0, b)`` applied before deforming (0 disables).
-        ema_decay: EMA of the net's weights (validation and generation use it); ``None`` = off.
+        ema_decay: EMA of the weights (:class:`drdm.models.ema.WarmedUpEMA`, a Lightning
+            ``WeightAveraging`` callback the module adds to its trainer): validation runs on the
+            averaged weights and checkpoints store them; ``None`` = off.
         seed: base seed of the on-device generator.
         warp_mode: image interpolation when deforming (``bilinear``; ``bicubic`` is 2D only).
         figure_every_n_epochs: validation figure period (0 disables); figure_dir: where PNGs go
@@ -122,12 +113,9 @@ class DRDMModule(L.LightningModule):
         image_size = tuple(int(n) for n in to_plain(image_size))
         if len(image_size) != ndims:
             raise ValueError(f"image_size {image_size} must have ndims={ndims} entries")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(
-                f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
-            )
+        check_interval(scheduler_interval)
         if optimizer is None:
-            optimizer = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}
+            optimizer = dict(ADAM, lr=1e-4)
         hparams = {
             "net": to_plain(net),
             "deformation": to_plain(deformation),
@@ -158,20 +146,19 @@ class DRDMModule(L.LightningModule):
         self.timesteps = _timesteps_of(self.deformation, self.net)
         _check_parts(self.net, self.deformation, ndims, self.timesteps)
         self.val_recovery_error = RecoveryError()
+        self.val_means = torch.nn.ModuleDict({name: WeightedMean() for name in VALIDATION_MEANS})
         self._weights_restored = False  # init_weights applied, or weights from a checkpoint
         self.generation_defaults: dict = {}
-        self.ema = None
-        if ema_decay is not None:
-            if not 0.0 < ema_decay < 1.0:
-                raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
-            self.ema = AveragedModel(self.net, avg_fn=_warmed_up_ema(ema_decay), use_buffers=True)
-            self.ema.requires_grad_(False)
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
 
     # ------------------------------------------------------------------ helpers
     @property
     def inference_net(self) -> torch.nn.Module:
-        """The EMA network when enabled, else the trained one."""
-        return self.ema.module if self.ema is not None else self.net
+        """The network validation and generation use: ``net``. Under EMA it holds the averaged
+        weights whenever they are used (the callback swaps them in for validation, checkpoints
+        store them, and they stay in the module after fitting)."""
+        return self.net
 
     def _generator(self, *keys: int) -> torch.Generator:
         """A generator on the batch's device seeded from (seed, rank, *keys)."""
@@ -234,14 +221,14 @@ class DRDMModule(L.LightningModule):
         if path and not self._weights_restored:
             from drdm.nets import initialise_from
 
+            # the EMA copies these weights on its first update (AveragedModel does)
             initialise_from(self.net, path)
-            if self.ema is not None:
-                self.ema.module.load_state_dict(self.net.state_dict())
             log.info("recovery network initialised from %s", path)
         self._weights_restored = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._weights_restored = True
+        _upgrade_ema_layout(checkpoint)
         # generation settings a shipped checkpoint recommends (drdm.pretrained.export_checkpoint)
         self.generation_defaults = dict(checkpoint.get("generation_defaults") or {})
 
@@ -260,9 +247,12 @@ class DRDMModule(L.LightningModule):
             self.log(f"train/{name}", terms[name], batch_size=batch_size)
         return terms["loss"]
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
-            self.ema.update_parameters(self.net)
+    def configure_callbacks(self) -> list:
+        if self.hparams.ema_decay is None:
+            return []
+        from drdm.models.ema import WarmedUpEMA
+
+        return [WarmedUpEMA(self.hparams.ema_decay)]
 
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
         # deformation.metrics arrive with the deformation core; imported here on purpose
@@ -282,8 +272,12 @@ class DRDMModule(L.LightningModule):
             "val/mse_recovered": (recovered_image - image).square().mean(),
             "val/mse_deformed": (parts["deformed"] - image).square().mean(),
         }
-        self.log_dict(metrics, batch_size=batch_size, sync_dist=True)
-        # a torchmetrics object: the set's sums are reduced across ranks before the ratio
+        # torchmetrics objects: weighted sums reduced across ranks, exact under DDP
+        for name, value in metrics.items():
+            mean = self.val_means[name.removeprefix("val/")]
+            mean.update(value.detach(), weight=batch_size)
+            self.log(name, mean, batch_size=batch_size)
+        # the set's sums are reduced across ranks before the ratio
         self.val_recovery_error.update(parts["recovered"], parts["target"])
         self.log("val/recovery_error", self.val_recovery_error, batch_size=batch_size)
         period = int(self.hparams.figure_every_n_epochs)
@@ -329,16 +323,28 @@ class DRDMModule(L.LightningModule):
         log_image(self.loggers, "val/figure", path, self.global_step)
 
     def configure_optimizers(self) -> Any:
-        # partial configs (`_partial_: true`) give factories; the EMA copy is not optimised
-        optimizer = build(self.hparams.optimizer)(self.net.parameters())
-        if self.hparams.scheduler is None:
-            return optimizer
-        scheduler = build(self.hparams.scheduler)(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval},
-        }
+        # the EMA copy is not optimised
+        hparams = self.hparams
+        return configure(
+            self.net.parameters(), hparams.optimizer, hparams.scheduler, hparams.scheduler_interval
+        )
 
     def inference_copy(self) -> torch.nn.Module:
         """A detached copy of the inference network in eval mode (for generation)."""
         return copy.deepcopy(self.inference_net).eval()
+
+
+def _upgrade_ema_layout(checkpoint: dict) -> None:
+    """Checkpoints from before the EMA callback kept the averaged copy as ``ema.module.*``:
+    move it to ``net.*`` and the trained weights to ``current_model_state``, the layout of
+    Lightning's ``WeightAveraging`` (in place)."""
+    state = checkpoint.get("state_dict") or {}
+    averaged = {k[len("ema.module.") :]: v for k, v in state.items() if k.startswith("ema.module.")}
+    if not averaged:
+        return
+    count = state.get("ema.n_averaged")
+    trained = {k: v for k, v in state.items() if not k.startswith("ema.")}
+    checkpoint["current_model_state"] = trained
+    checkpoint["state_dict"] = {**trained, **{"net." + k: v for k, v in averaged.items()}}
+    if count is not None:
+        checkpoint["averaging_state"] = {"n_averaged": count}

@@ -29,7 +29,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from drdm.deform import warp
-from drdm.metrics.registration import gradient_smoothness, local_ncc
+from drdm.losses import gradient_smoothness, local_ncc
+from drdm.metrics.mean import WeightedMean
+from drdm.metrics.registration import PAIR_METRICS
+from drdm.models.optim import ADAM, check_interval, configure
 from drdm.synthesis.pairs import make_pair
 from drdm.utils.instantiate import build, to_plain
 
@@ -57,7 +60,9 @@ class RegistrationModule(L.LightningModule):
     similarity: ``"ncc"`` (local, ``ncc_window`` voxels) or ``"mse"``.
     similarity_weight, smoothness_weight, field_weight: loss weights.
     real_weight: weight of the unsupervised real-pair loss in ``+real`` modes.
-    lr: Adam learning rate.
+    optimizer: partial optimiser config (``_partial_: true``, :mod:`drdm.models.optim`);
+        ``None``: Adam at 1e-4. scheduler: partial LR-scheduler config or ``None``;
+        scheduler_interval: ``"epoch"`` or ``"step"``.
     num_classes: label classes incl. background for Dice/HD95/ASD (``None``: from the labels).
     """
 
@@ -72,19 +77,35 @@ class RegistrationModule(L.LightningModule):
         smoothness_weight: float = 1.0,
         field_weight: float = 1.0,
         real_weight: float = 1.0,
-        lr: float = 1e-4,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scheduler_interval: str = "epoch",
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "field_sources"])
         # configs (not built objects) are stored so that a checkpoint alone rebuilds the model
-        if not isinstance(net, nn.Module):
-            self.hparams["net"] = to_plain(net)
-        self.hparams["field_sources"] = {
-            name: to_plain(config)
-            for name, config in (field_sources or {}).items()
-            if isinstance(config, Mapping | DictConfig)
-        }
+        self.save_hyperparameters(
+            {
+                "net": None if isinstance(net, nn.Module) else to_plain(net),
+                "mode": mode,
+                "field_sources": {
+                    name: to_plain(config)
+                    for name, config in (field_sources or {}).items()
+                    if isinstance(config, Mapping | DictConfig)
+                },
+                "similarity": similarity,
+                "ncc_window": ncc_window,
+                "similarity_weight": similarity_weight,
+                "smoothness_weight": smoothness_weight,
+                "field_weight": field_weight,
+                "real_weight": real_weight,
+                "optimizer": to_plain(optimizer) or dict(ADAM, lr=1e-4),
+                "scheduler": to_plain(scheduler),
+                "scheduler_interval": check_interval(scheduler_interval),
+                "num_classes": num_classes,
+            },
+            logger=False,
+        )
         self.net = build(net)
         self.base_mode, self.use_real = parse_mode(mode)
         if similarity not in SIMILARITIES:
@@ -104,6 +125,8 @@ class RegistrationModule(L.LightningModule):
                 if isinstance(error.__cause__, ValueError | FileNotFoundError):
                     raise error.__cause__ from error
                 raise
+        self.val_means = torch.nn.ModuleDict({name: WeightedMean() for name in PAIR_METRICS})
+        self.test_means = torch.nn.ModuleDict({name: WeightedMean() for name in PAIR_METRICS})
         self.test_rows: list[dict] = []
         self.test_outputs: list[dict] = []
 
@@ -179,12 +202,21 @@ class RegistrationModule(L.LightningModule):
         metrics = pair_metrics(displacement, batch, num_classes=self.hparams.num_classes)
         return displacement, metrics
 
+    def _log_means(self, stage: str, metrics: dict[str, torch.Tensor]) -> None:
+        """Per-pair values into the stage's mean metrics (torchmetrics: exact under DDP)."""
+        means = self.val_means if stage == "val" else self.test_means
+        for name, values in metrics.items():
+            if name not in means:
+                continue
+            finite = torch.isfinite(values)
+            # every rank updates and logs every metric (weight 0 where a batch has no finite
+            # value), so the cross-rank reduction runs on all ranks together
+            means[name].update(torch.where(finite, values, 0.0).float(), weight=finite.float())
+            self.log(f"{stage}/{name}", means[name], batch_size=int(finite.sum().clamp(min=1)))
+
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
         _, metrics = self._evaluate(batch)
-        for name, values in metrics.items():
-            finite = values[torch.isfinite(values)]
-            if finite.numel():
-                self.log(f"val/{name}", finite.mean(), batch_size=finite.numel(), sync_dist=True)
+        self._log_means("val", metrics)
 
     def on_test_epoch_start(self) -> None:
         self.test_rows = []
@@ -197,14 +229,29 @@ class RegistrationModule(L.LightningModule):
             row = {"id": str(pair_id)}
             row.update({name: float(values[index]) for name, values in metrics.items()})
             self.test_rows.append(row)
-        for name, values in metrics.items():
-            finite = values[torch.isfinite(values)]
-            if finite.numel():
-                self.log(f"test/{name}", finite.mean(), batch_size=finite.numel())
+        self._log_means("test", metrics)
         self.test_outputs.append({"displacement": displacement.detach().cpu(), "id": list(ids)})
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
+    def on_test_epoch_end(self) -> None:
+        """Under DDP every rank ends with every pair's row (one per id: the distributed sampler
+        may repeat pairs to even out the ranks), in the order of the ranks' batches."""
+        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return
+        gathered: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather_object(gathered, self.test_rows)
+        rows, seen = [], set()
+        for rank_rows in gathered:
+            for row in rank_rows:
+                if row["id"] not in seen:
+                    seen.add(row["id"])
+                    rows.append(row)
+        self.test_rows = rows
+
+    def configure_optimizers(self) -> Any:
+        hparams = self.hparams
+        return configure(
+            self.net.parameters(), hparams.optimizer, hparams.scheduler, hparams.scheduler_interval
+        )
 
 
 def _require(batch: Mapping, key: str) -> torch.Tensor:

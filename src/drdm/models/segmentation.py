@@ -20,31 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drdm.losses import soft_dice_loss
 from drdm.metrics.collection import METRIC_NAMES, SegmentationScores
+from drdm.models.optim import ADAMW, check_interval, configure
 from drdm.utils import build, to_plain
 from drdm.utils.atomic import save_figure_atomic, write_json_atomic
-
-
-def soft_dice_loss(logits: torch.Tensor, label: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """1 - mean soft Dice over samples and foreground classes.
-
-    Args:
-        logits: ``[B, C, *S]`` class scores.
-        label: ``[B, 1, *S]`` int64 in ``0 .. C-1``.
-    """
-    num_classes = logits.shape[1]
-    probabilities = logits.softmax(dim=1)[:, 1:]
-    target = F.one_hot(label[:, 0], num_classes).movedim(-1, 1)[:, 1:].to(probabilities)
-    axes = tuple(range(2, logits.ndim))
-    intersection = (probabilities * target).sum(axes)
-    total = probabilities.sum(axes) + target.sum(axes)
-    return 1.0 - ((2 * intersection + eps) / (total + eps)).mean()
 
 
 class SegmentationModule(L.LightningModule):
@@ -52,7 +39,9 @@ class SegmentationModule(L.LightningModule):
     net: ``net(image [B, C, *S]) -> logits [B, num_classes, *S]`` (e.g. ``SegmentationUNet``).
     class_names: all class names, background first (``num_classes = len(class_names)``).
     augmentation: an ``AugmentationStrategy`` (``None``: no augmentation).
-    lr, weight_decay: AdamW optimiser settings.
+    optimizer: partial optimiser config (``_partial_: true``, :mod:`drdm.models.optim`);
+        ``None``: AdamW at 1e-3, weight decay 1e-5. scheduler: partial LR-scheduler config or
+        ``None``; scheduler_interval: ``"epoch"`` or ``"step"``.
     dice_weight, ce_weight: loss = dice_weight * soft Dice loss + ce_weight * cross-entropy.
     hd95: compute HD95 in validation/test (CPU distance transforms).
     figure_every_n_epochs: log a prediction figure every N validation epochs (0: never).
@@ -66,8 +55,9 @@ class SegmentationModule(L.LightningModule):
         net: nn.Module | Mapping,
         class_names: Sequence[str],
         augmentation=None,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-5,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scheduler_interval: str = "epoch",
         dice_weight: float = 1.0,
         ce_weight: float = 1.0,
         hd95: bool = True,
@@ -89,8 +79,9 @@ class SegmentationModule(L.LightningModule):
                 if isinstance(augmentation, Mapping)
                 else None,
                 "class_names": class_names,
-                "lr": lr,
-                "weight_decay": weight_decay,
+                "optimizer": to_plain(optimizer) or dict(ADAMW, lr=1e-3, weight_decay=1e-5),
+                "scheduler": to_plain(scheduler),
+                "scheduler_interval": check_interval(scheduler_interval),
                 "dice_weight": dice_weight,
                 "ce_weight": ce_weight,
                 "hd95": hd95,
@@ -260,7 +251,7 @@ class SegmentationModule(L.LightningModule):
         """Save the prediction figure as a PNG beside the run and hand it to the loggers."""
         import matplotlib.pyplot as plt
 
-        from drdm.utils.figures import log_image
+        from drdm.utils.figures import log_image, prediction_figure
 
         figure = prediction_figure(**self._figure_batch, class_names=self.class_names)
         name = f"predictions_epoch{self.current_epoch + 1:03d}.png"
@@ -269,9 +260,10 @@ class SegmentationModule(L.LightningModule):
         plt.close(figure)
         log_image(self.loggers, "val/predictions", path, self.global_step)
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+    def configure_optimizers(self) -> Any:
+        hparams = self.hparams
+        return configure(
+            self.parameters(), hparams.optimizer, hparams.scheduler, hparams.scheduler_interval
         )
 
 
@@ -291,50 +283,6 @@ def _build_net(net: nn.Module | Mapping, num_classes: int) -> nn.Module:
             f"the net predicts {net_classes} classes but class_names has {num_classes} entries"
         )
     return net
-
-
-def prediction_figure(
-    image: torch.Tensor,
-    label: torch.Tensor,
-    prediction: torch.Tensor,
-    class_names: Sequence[str],
-):
-    """Matplotlib figure: rows = samples; columns = image, ground truth, prediction overlays.
-
-    Args:
-        image: ``[N, C, *S]`` (3D shows the central slice of the last axis).
-        label, prediction: ``[N, 1, *S]`` int label maps.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def plane(volume: torch.Tensor):
-        volume = volume[0].float()
-        return (volume[..., volume.shape[-1] // 2] if volume.ndim == 3 else volume).numpy()
-
-    count = image.shape[0]
-    figure, axes = plt.subplots(count, 3, figsize=(7.5, 2.5 * count), squeeze=False)
-    num_classes = len(class_names)
-    for row in range(count):
-        background = plane(image[row])
-        for column, (title, overlay) in enumerate(
-            (("image", None), ("ground truth", label[row]), ("prediction", prediction[row]))
-        ):
-            axis = axes[row, column]
-            axis.imshow(background, cmap="gray")
-            if overlay is not None:
-                mask = plane(overlay)
-                shown = mask.astype(float)
-                shown[mask == 0] = float("nan")  # background stays transparent
-                axis.imshow(shown, cmap="tab10", vmin=0, vmax=9, alpha=0.5, interpolation="nearest")
-            axis.set_title(title if row == 0 else "", fontsize=9)
-            axis.set_xticks([])
-            axis.set_yticks([])
-    figure.suptitle(" / ".join(f"{i}: {n}" for i, n in enumerate(class_names[1:num_classes], 1)))
-    figure.tight_layout()
-    return figure
 
 
 def _finite_or_none(value: float) -> float | None:

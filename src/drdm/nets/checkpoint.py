@@ -102,12 +102,17 @@ def _load_strictly(net: torch.nn.Module, state: Mapping[str, torch.Tensor], path
 def network_state(path, checkpoint: Mapping, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """The recovery network's weights in a Lightning checkpoint of ``DRDMModule``.
 
-    The EMA copy (``ema.module.*``) when ``use_ema`` and the run kept one, else the trained net
-    (``net.*``); keys without the prefix.
+    The EMA weights when ``use_ema`` and the run kept them, else the trained ones; keys without
+    the ``net.`` prefix. Under Lightning's ``WeightAveraging`` the ``state_dict`` holds the
+    averaged weights and ``current_model_state`` the trained ones; older checkpoints kept the
+    averaged copy as ``ema.module.*`` beside the trained ``net.*``.
     """
     state = checkpoint.get("state_dict")
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} is a Lightning checkpoint without a 'state_dict'")
+    trained = checkpoint.get("current_model_state")
+    if not use_ema and isinstance(trained, Mapping):
+        state = trained
     for prefix in ("ema.module.", "net.") if use_ema else ("net.",):
         weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if weights:

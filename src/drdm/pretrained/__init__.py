@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import lightning
 import torch
 
 from drdm.utils.atomic import atomic_write
@@ -56,10 +55,12 @@ def export_checkpoint(
     Keeps the hyper-parameters (the net and schedule configs rebuild the model) and one set of
     network weights (the EMA copy when ``use_ema`` and the run kept one), stored as the
     module's ``net`` with EMA off; drops optimiser, scheduler and loop states.
-    ``generation_defaults`` (:class:`drdm.generate.DRDM` arguments, e.g. ``t0_start``,
+    ``generation_defaults`` (:class:`drdm.generation.DRDM` arguments, e.g. ``t0_start``,
     ``start_step``) are stored for ``DRDM.load`` to use where its caller sets nothing. The
     result loads with ``DRDMModule.load_from_checkpoint`` and ``DRDM.load``; written atomically.
     """
+    import lightning
+
     from drdm.nets.checkpoint import network_state
 
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)

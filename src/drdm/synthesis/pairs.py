@@ -92,7 +92,7 @@ class BSplineFieldSource:
 
 
 class DRDMFieldSource:
-    """Fields from a frozen, trained DRDM (``drdm.generate.DRDM``) for each given image.
+    """Fields from a frozen, trained DRDM (``drdm.generation.DRDM``) for each given image.
 
     The DRDM is loaded lazily on first use and moved to the image's device, so pairs are made on
     the training device inside the step. Each call draws one generation seed from ``generator``
@@ -110,7 +110,7 @@ class DRDMFieldSource:
         checkpoint: path to a trained DRDM (Lightning ``.ckpt`` or the authors' ``.pth``);
             required, there is no silent fallback.
         t0: diffusion start step(s) of the generation; a list draws one per call.
-        options: keyword arguments of :class:`drdm.generate.DRDM` (e.g. ``start_step``,
+        options: keyword arguments of :class:`drdm.generation.DRDM` (e.g. ``start_step``,
             ``batch_size``, ``interpolation``).
         fields_per_image: ``k`` above (0: no bank).
     """
@@ -146,7 +146,7 @@ class DRDMFieldSource:
 
     def _model(self, device: torch.device):
         if self._drdm is None:
-            from drdm.generate import DRDM
+            from drdm.generation import DRDM
 
             self._drdm = DRDM.load(self.checkpoint, **self.options)
             for parameter in self._drdm.net.parameters():

@@ -1,7 +1,9 @@
-"""Matplotlib (Agg) figures: original / diffused / recovered images, deformed grid, det J map."""
+"""Matplotlib (Agg) figures: DRDM recovery (original / diffused / recovered, deformed grid, det J)
+and segmentation predictions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -95,3 +97,43 @@ def log_image(loggers: list, key: str, path: Path, step: int) -> None:
 
             pixels = matplotlib.image.imread(str(path))[..., :3]
             logger.experiment.add_image(key, pixels, global_step=step, dataformats="HWC")
+
+
+def prediction_figure(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    prediction: torch.Tensor,
+    class_names: Sequence[str],
+):
+    """Matplotlib figure: rows = samples; columns = image, ground truth, prediction overlays.
+
+    Args:
+        image: ``[N, C, *S]`` (3D shows the central slice of the last axis).
+        label, prediction: ``[N, 1, *S]`` int label maps.
+    """
+
+    def plane(volume: torch.Tensor):
+        volume = volume[0].float()
+        return (volume[..., volume.shape[-1] // 2] if volume.ndim == 3 else volume).numpy()
+
+    count = image.shape[0]
+    figure, axes = plt.subplots(count, 3, figsize=(7.5, 2.5 * count), squeeze=False)
+    num_classes = len(class_names)
+    for row in range(count):
+        background = plane(image[row])
+        for column, (title, overlay) in enumerate(
+            (("image", None), ("ground truth", label[row]), ("prediction", prediction[row]))
+        ):
+            axis = axes[row, column]
+            axis.imshow(background, cmap="gray")
+            if overlay is not None:
+                mask = plane(overlay)
+                shown = mask.astype(float)
+                shown[mask == 0] = float("nan")  # background stays transparent
+                axis.imshow(shown, cmap="tab10", vmin=0, vmax=9, alpha=0.5, interpolation="nearest")
+            axis.set_title(title if row == 0 else "", fontsize=9)
+            axis.set_xticks([])
+            axis.set_yticks([])
+    figure.suptitle(" / ".join(f"{i}: {n}" for i, n in enumerate(class_names[1:num_classes], 1)))
+    figure.tight_layout()
+    return figure

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ import torch
 from drdm.data.io import check_same_geometry, load_nifti, nifti_files, nifti_stem, save_nifti_like
 from drdm.deform import displacement_to_world
 from drdm.fields import write_displacement_field
-from drdm.generate import DRDM, mix_seed
+from drdm.generation.sampler import DRDM, mix_seed
 from drdm.utils.atomic import write_csv_atomic
+from drdm.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,18 @@ def sample_blocks(num_samples: int, samples_per_call: int) -> list[list[int]]:
     return [list(range(start, min(start + n, num_samples))) for start in range(0, num_samples, n)]
 
 
+def pending_samples(
+    case: InputCase, output_dir: Path, manifest: dict[tuple[str, int], dict], num_samples: int
+) -> set[int]:
+    """The ``k`` of ``case`` whose files or manifest row are missing."""
+    labelled = case.label is not None
+    return {
+        k
+        for k in range(num_samples)
+        if not _finished(_outputs(output_dir, case.stem, k, labelled), manifest.get((case.stem, k)))
+    }
+
+
 def augment_case(
     drdm: DRDM,
     case: InputCase,
@@ -168,16 +182,15 @@ def augment_case(
     seed: int,
     t0=None,
     slice_axis: int = 2,
+    progress=None,
 ) -> int:
     """Generate the unfinished samples of one input, block by block (:func:`sample_blocks`),
-    writing each block's files before the next is generated; returns how many were written."""
+    writing each block's files before the next is generated; returns how many were written.
+
+    ``progress``: a tqdm-style bar, advanced by one per written sample."""
     stem = case.stem
     labelled = case.label is not None
-    pending = {
-        k
-        for k in range(num_samples)
-        if not _finished(_outputs(output_dir, stem, k, labelled), manifest.get((stem, k)))
-    }
+    pending = pending_samples(case, output_dir, manifest, num_samples)
     if not pending:
         log.info("%s: all %d samples already done", stem, num_samples)
         return 0
@@ -228,9 +241,10 @@ def augment_case(
         _write_manifest(output_dir / "manifest.csv", manifest)
 
     written = 0
-    for block in sample_blocks(num_samples, drdm.batch_size // rows):
+    for block in sample_blocks(num_samples, drdm.images_per_call // rows):
         if pending.isdisjoint(block):
             continue
+        started = time.perf_counter()
         t0_values = None
         if t0 is not None:
             t0_values = [int(t0)] * len(block) if np.isscalar(t0) else [int(t0[k]) for k in block]
@@ -243,10 +257,21 @@ def augment_case(
             sample_indices=block,
             slice_axis=slice_axis,
         )
+        done = [k for k in block if k in pending]
         for row, k in enumerate(block):
             if k in pending:
                 write(result, row, k)
                 written += 1
+                if progress is not None:
+                    progress.update(1)
+        log.info(
+            "%s: samples %s written in %.1f s (%d of %d pending for this input)",
+            stem,
+            ", ".join(map(str, done)),
+            time.perf_counter() - started,
+            written,
+            len(pending),
+        )
     return written
 
 
@@ -261,25 +286,36 @@ def augment(
     device: str = "auto",
     use_ema: bool = True,
     drdm_options: dict | None = None,
+    drdm_defaults: dict | None = None,
+    progress: bool = True,
 ) -> dict[str, int]:
-    """Generate samples for every input; returns ``{"inputs": n, "generated": m, "skipped": s}``."""
+    """Generate samples for every input; returns ``{"inputs": n, "generated": m, "skipped": s}``.
+
+    ``drdm_options``: :class:`DRDM` settings (``None``: unset); ``drdm_defaults``: settings used
+    where neither they nor the checkpoint set one (``DRDM.load``'s ``fallback``). ``progress``:
+    a bar over the pending samples (ETA, current input) on stderr."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     cases = find_inputs(input)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    drdm = DRDM.load(ckpt_path, use_ema=use_ema, **(drdm_options or {})).to(device)
+    drdm = DRDM.load(ckpt_path, use_ema=use_ema, fallback=drdm_defaults, **(drdm_options or {})).to(
+        device
+    )
     output_dir = Path(output_dir).expanduser()
     folders = [output_dir / name for name in ("image", "label", "field")]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries([output_dir, *folders])
     manifest = read_manifest(output_dir / "manifest.csv")
+    pending = sum(len(pending_samples(c, output_dir, manifest, num_samples)) for c in cases)
     generated = 0
-    for case in cases:
-        generated += augment_case(
-            drdm, case, output_dir, manifest, num_samples, seed, t0, slice_axis
-        )
+    with progress_bar(pending, "sample", enabled=progress) as bar:
+        for case in cases:
+            bar.set_postfix_str(case.stem)
+            generated += augment_case(
+                drdm, case, output_dir, manifest, num_samples, seed, t0, slice_axis, bar
+            )
     total = len(cases) * num_samples
     log.info(
         "%d inputs: %d samples generated, %d already done", len(cases), generated, total - generated

@@ -5,7 +5,7 @@
 >>> out.image, out.label, out.displacement, out.t0
 
 For every sample: a fresh random field ``u`` diffuses the image to ``t0``; the network then
-recovers step by step (``u <- compose(u, p_i)``, see :mod:`drdm.models.recovery`), always
+recovers step by step (``u <- compose(u, p_i)``, see :mod:`drdm.generation.chain`), always
 re-warping the **original**. The sample is ``warp(original, u)``; ``u`` is returned in voxels of
 the input grid, so ``warp(original, out.displacement) == out.image``.
 
@@ -17,6 +17,7 @@ slice by slice along ``slice_axis`` (the field's through-plane component is zero
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from drdm.deform.spatial import warp
-from drdm.models.recovery import minmax_normalise, recover, start_steps
+from drdm.generation.chain import check_sampling_steps, minmax_normalise, recover, start_steps
+from drdm.generation.slices import field_to_volume, to_slices, to_volume
 
 _SEED_MIX = 1_000_003
 # conf/schedule/reference_2d.yaml: the reference's 2D displacement scale at 256 x 256
@@ -99,6 +101,45 @@ def resize_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return F.interpolate(image, size=shape, mode=mode, align_corners=True)
 
 
+def _from_lightning_checkpoint(path: Path, map_location, use_ema: bool):
+    """``(net, deformation, hyper-parameters, generation defaults)`` of a ``DRDMModule``
+    checkpoint, rebuilt from the configs it stores (no LightningModule involved)."""
+    from drdm.nets.checkpoint import _load_strictly, network_state
+    from drdm.utils.instantiate import build
+
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt / non-torch files
+        raise ValueError(f"cannot read {path} as a Lightning checkpoint: {error}") from error
+    hparams = checkpoint.get("hyper_parameters") or {}
+    missing = [key for key in ("net", "deformation", "image_size") if not hparams.get(key)]
+    if missing:
+        raise ValueError(
+            f"{path}: not a DRDMModule checkpoint (its hyper-parameters lack {missing}; "
+            "modules built from objects, not configs, cannot be rebuilt from a file)"
+        )
+    net = build(hparams["net"])
+    _load_strictly(net, network_state(path, checkpoint, use_ema), path)
+    deformation = build(hparams["deformation"])
+    return net.eval(), deformation, hparams, dict(checkpoint.get("generation_defaults") or {})
+
+
+def resolve_margin(margin: int | float | None, image_size: Sequence[int]) -> int:
+    """Margin in voxels: an int as given, a float in ``(0, 1)`` as that fraction of the model
+    size (``0.0625``: 16 voxels at 256), ``None``: an eighth of it."""
+    if margin is None:
+        margin = 0.125
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or margin < 0:
+        raise ValueError(
+            f"margin must be voxels (int >= 0) or a fraction in (0, 1), got {margin!r}"
+        )
+    if isinstance(margin, float) and not margin.is_integer():
+        if margin >= 1:
+            raise ValueError(f"a fractional margin must lie in (0, 1), got {margin}")
+        return int(round(margin * max(image_size)))
+    return int(margin)
+
+
 def _set_options(options: dict) -> dict:
     """The options a caller actually set (``None`` means "the default")."""
     return {key: value for key, value in options.items() if value is not None}
@@ -116,11 +157,23 @@ class DRDM:
             ``None``: ``round(0.6 T)``, +2 (2D) / +1 (3D) every 2 samples as in the reference.
         start_step: where the recovery chain starts: ``"T"`` (``T-1``, the reference), ``"t0"``
             (``t0-1``) or an int.
-        batch_size: images per network call.
+        sampling_steps: network calls per sample, spread over the chain (a few-step chain,
+            :func:`drdm.generation.chain.step_plan`); ``None`` or ``"all"``: one call per step
+            (the method).
+        skipped_steps: how a call's prediction stands in for the steps it skips: ``"repeat"``
+            (applied once per step, exact self-composition), ``"k_rec"`` (rescaled to the
+            recovery the network is trained to give over them) or ``"remaining"`` (to the
+            share of the deformation left that they remove); :mod:`drdm.generation.chain`.
+        batch_size: images per network call, or ``"auto"``: as many as fit a pixel budget on
+            the recovery canvas (image plus margin): ``2**19`` pixels on a CPU (5 images at
+            320 x 320; more images per call run past the caches and slow each image down,
+            0.31 s instead of 0.14 s per 320^2 image at 12 per call on a 2-core CPU) and
+            ``2**23`` on a GPU.
         margin: voxels added around the model-size image (and its field, replicated) during
             recovery, cropped afterwards, so the image border is not an edge of the network's
             input; on the ACDC sample with the authors' checkpoint this takes folding from 2.4 %
-            (all at the border) to 0. ``None``: an eighth of the model size.
+            (all at the border) to 0. An int: voxels; a float in ``(0, 1)``: that fraction of
+            the model size; ``None``: an eighth of it (:func:`resolve_margin`).
         margin_padding: how the image is extended into the margin: ``reflect`` (default; zeros,
             ``constant``, show the network a black frame, which it "recovers" by zooming in).
     """
@@ -135,8 +188,10 @@ class DRDM:
         t0_step: int | None = None,
         t0_every: int = 2,
         start_step: str | int = "T",
-        batch_size: int = 32,
-        margin: int | None = None,
+        sampling_steps: int | str | None = None,
+        skipped_steps: str = "once",
+        batch_size: int | str = 32,
+        margin: int | float | None = None,
         margin_padding: str = "reflect",
     ) -> None:
         self.memory_format = torch.channels_last if len(image_size) == 2 else torch.channels_last_3d
@@ -156,12 +211,14 @@ class DRDM:
         self.t0_step = (2 if self.ndims == 2 else 1) if t0_step is None else int(t0_step)
         self.t0_every = int(t0_every)
         self.start_step = start_step
-        self.batch_size = int(batch_size)
-        if margin is None:  # an eighth of the model size: 32 voxels at 256
-            margin = max(self.image_size) // 8
-        if margin < 0:
-            raise ValueError(f"margin must be >= 0 voxels, got {margin}")
-        self.margin = int(margin)
+        sampling_steps = None if sampling_steps == "all" else sampling_steps
+        check_sampling_steps(sampling_steps, skipped_steps)
+        self.sampling_steps = sampling_steps
+        self.skipped_steps = skipped_steps
+        if batch_size != "auto" and (isinstance(batch_size, str) or int(batch_size) < 1):
+            raise ValueError(f"batch_size must be an int >= 1 or 'auto', got {batch_size!r}")
+        self.batch_size = batch_size if batch_size == "auto" else int(batch_size)
+        self.margin = resolve_margin(margin, self.image_size)
         if margin_padding not in ("reflect", "replicate", "constant"):
             raise ValueError(
                 f"margin_padding must be reflect | replicate | constant, got {margin_padding!r}"
@@ -177,6 +234,7 @@ class DRDM:
         map_location: str = "cpu",
         use_ema: bool = True,
         schedule: dict | None = None,
+        fallback: dict | None = None,
         **options,
     ):
         """Load a Lightning ``.ckpt`` (DRDMModule) or the authors' ``.pth`` (2D, 256 x 256);
@@ -184,9 +242,10 @@ class DRDM:
 
         ``schedule``: ``RandomDeformation`` arguments overriding the forward process of a ``.pth``
         (a ``.ckpt`` keeps the schedule it was trained with). ``options`` are :class:`DRDM`
-        arguments (``interpolation``, ``t0_start``, ...); those left ``None`` take the
-        checkpoint's recommended ``generation_defaults`` (the packaged model's: ``t0_start=24``,
-        ``start_step="t0"``), else the :class:`DRDM` defaults.
+        arguments (``interpolation``, ``t0_start``, ...). Each setting comes from, first to last:
+        ``options`` (``None``: unset), the checkpoint's recommended ``generation_defaults`` (the
+        packaged model's: ``t0_start=24``, ``start_step="t0"``, ``sampling_steps="all"``),
+        ``fallback`` (e.g. ``src/augment.py``'s few-step default), the :class:`DRDM` defaults.
 
         Raises:
             FileNotFoundError: no file at ``path``.
@@ -198,13 +257,12 @@ class DRDM:
         if not path.is_file():
             raise FileNotFoundError(f"DRDM checkpoint not found: {path}")
         if path.suffix == ".ckpt":
-            from drdm.models.drdm_module import DRDMModule
-
-            module = DRDMModule.load_from_checkpoint(str(path), map_location=map_location)
-            net = module.inference_net if use_ema else module.net
-            # the checkpoint's recommended settings, under anything the caller sets (None: unset)
-            options = {**module.generation_defaults, **_set_options(options)}
-            return cls(net, module.deformation, module.hparams.image_size, **options)
+            net, deformation, hparams, recommended = _from_lightning_checkpoint(
+                path, map_location, use_ema
+            )
+            # the caller's settings over the checkpoint's recommendation over the fallback
+            options = {**_set_options(fallback or {}), **recommended, **_set_options(options)}
+            return cls(net, deformation, hparams["image_size"], **options)
         if path.suffix in (".pth", ".pt"):
             from drdm.deform import RandomDeformation
             from drdm.nets import load_reference_checkpoint
@@ -216,7 +274,8 @@ class DRDM:
             # "v_scale": 4e-5, "refinement": 1} reproduces their numerics exactly.
             settings = {**REFERENCE_2D_SCHEDULE, **(schedule or {})}
             deformation = RandomDeformation(ndims=net.ndims, timesteps=net.timesteps, **settings)
-            return cls(net, deformation, (256,) * net.ndims, **_set_options(options))
+            options = {**_set_options(fallback or {}), **_set_options(options)}
+            return cls(net, deformation, (256,) * net.ndims, **options)
         raise ValueError(f"{path}: expected a Lightning .ckpt or the authors' .pth state_dict")
 
     def to(self, device: str | torch.device) -> DRDM:
@@ -225,6 +284,15 @@ class DRDM:
         self.net.to(self.device)
         self.deformation.to(self.device)
         return self
+
+    @property
+    def images_per_call(self) -> int:
+        """Images per network call (``batch_size``, resolved for ``"auto"``)."""
+        if self.batch_size != "auto":
+            return self.batch_size
+        budget = 2**23 if self.device.type == "cuda" else 2**19
+        canvas = math.prod(n + 2 * self.margin for n in self.image_size)
+        return max(1, budget // canvas)
 
     def t0_for(self, num_samples: int) -> list[int]:
         """The default ``t0`` of samples ``0 .. num_samples-1``, clamped to ``T - 1``."""
@@ -256,17 +324,11 @@ class DRDM:
         if image.ndim == self.ndims + 2 and image.shape[1] == 1:
             return image, False
         if self.ndims == 2 and image.ndim == 3:
-            axis = slice_axis % 3
-            return image.movedim(axis, 0)[:, None], True
+            return to_slices(image, slice_axis), True
         raise ValueError(
             f"image must be [*S] ({self.ndims} dims), [B, 1, *S], or a 3D volume for a 2D model; "
             f"got shape {tuple(image.shape)}"
         )
-
-    @staticmethod
-    def _unlayout(batch: torch.Tensor, slice_axis: int) -> torch.Tensor:
-        """Slice mode ``[Z, C, X, Y]`` -> ``[C, *volume]`` with slices back along ``slice_axis``."""
-        return batch.movedim(0, 1).movedim(1, 1 + slice_axis % 3)
 
     @torch.no_grad()
     def generate(
@@ -332,8 +394,9 @@ class DRDM:
             else model_images.repeat_interleave(len(indices), dim=0)
         )
         fields = []
-        for start in range(0, diffused.shape[0], self.batch_size):
-            chunk = slice(start, start + self.batch_size)
+        per_call = self.images_per_call
+        for start in range(0, diffused.shape[0], per_call):
+            chunk = slice(start, start + per_call)
             fields.append(self._recover_with_margin(sources[chunk], diffused[chunk], first[chunk]))
         return self._assemble(
             batch, label_batch, torch.cat(fields), order, per_input, slice_mode, slice_axis
@@ -353,7 +416,15 @@ class DRDM:
             canvas = F.pad(images, pad, mode=self.margin_padding)
             field = F.pad(diffused, pad, mode="replicate")
         canvas = canvas.contiguous(memory_format=self.memory_format)
-        recovered = recover(self.net, canvas, field, first)
+        recovered = recover(
+            self.net,
+            canvas,
+            field,
+            first,
+            sampling_steps=self.sampling_steps,
+            skipped_steps=self.skipped_steps,
+            deformation=self.deformation,
+        )
         if self.margin == 0:
             return recovered
         crop = tuple(slice(self.margin, self.margin + n) for n in self.image_size)
@@ -376,18 +447,10 @@ class DRDM:
                 source_label = label_batch if slice_mode else label_batch[b : b + 1]
                 warped_label = warp(source_label, field, mode="nearest")
             if slice_mode:
-                # through-plane component zero; channels follow the volume's axes
-                zeros = torch.zeros_like(field[:, :1])
-                field = torch.cat([field, zeros], dim=1)
-                in_plane = [a for a in range(3) if a != slice_axis % 3]
-                volume_field = torch.empty_like(field)
-                volume_field[:, in_plane[0]] = field[:, 0]
-                volume_field[:, in_plane[1]] = field[:, 1]
-                volume_field[:, slice_axis % 3] = 0.0
-                field = self._unlayout(volume_field, slice_axis)[None]
-                warped = self._unlayout(warped, slice_axis)[None]
+                field = field_to_volume(field, slice_axis)
+                warped = to_volume(warped, slice_axis)
                 if warped_label is not None:
-                    warped_label = self._unlayout(warped_label, slice_axis)[None]
+                    warped_label = to_volume(warped_label, slice_axis)
             images.append(warped)
             displacements.append(field)
             if warped_label is not None:

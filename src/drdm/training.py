@@ -1,8 +1,8 @@
 """The body of ``src/train.py``: build everything from a composed config, fit, optionally test.
 
 Kept importable so tests compose configs with ``hydra.compose`` and call :func:`train` exactly
-as the script does. Importing it registers the ``drdm.effective_batch_size`` resolver used by
-``conf/hardware``.
+as the script does. :func:`register_resolvers` registers the ``drdm.effective_batch_size``
+resolver that ``conf/hardware`` uses; call it before composing a config (the scripts do).
 
 Scale-out (``conf/hardware``): the effective batch size is ``data.batch_size x processes x
 trainer.accumulate_grad_batches``; ``hardware.lr_scaling`` (``none`` | ``linear`` | ``sqrt``)
@@ -30,8 +30,8 @@ from drdm.utils.instantiate import build
 log = logging.getLogger(__name__)
 
 LR_SCALING_RULES = ("none", "linear", "sqrt")
-# where each model config keeps its learning rate, tried in this order
-LR_KEYS = ("optimizer.lr", "lr")
+# where every model config keeps its learning rate (drdm.models.optim)
+LR_KEY = "optimizer.lr"
 _RANK_SEED_MIX = 1_000_003  # a prime: mixes seed and rank into one seed
 
 
@@ -86,18 +86,10 @@ def lr_scale_factor(rule: str, effective: int, base: int) -> float:
     return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
 
 
-if not OmegaConf.has_resolver("drdm.effective_batch_size"):
-    OmegaConf.register_new_resolver("drdm.effective_batch_size", effective_batch_size)
-
-
-def _lr_key(model: DictConfig) -> str:
-    for key in LR_KEYS:
-        if OmegaConf.select(model, key) is not None:
-            return key
-    raise ValueError(
-        f"hardware.lr_scaling needs a learning rate at model.{' or model.'.join(LR_KEYS)}; "
-        f"model <{model.get('_target_')}> has neither"
-    )
+def register_resolvers() -> None:
+    """Register drdm's OmegaConf resolvers (``drdm.effective_batch_size``); idempotent."""
+    if not OmegaConf.has_resolver("drdm.effective_batch_size"):
+        OmegaConf.register_new_resolver("drdm.effective_batch_size", effective_batch_size)
 
 
 def scale_batch_and_lr(cfg: DictConfig, world_size: int) -> dict[str, Any]:
@@ -130,12 +122,17 @@ def scale_batch_and_lr(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     base = int(hardware.get("base_batch_size") or batch_size)
     factor = lr_scale_factor(rule, effective, base)
     base_lr = lr = None
-    if rule != "none" or any(OmegaConf.select(cfg.model, k) is not None for k in LR_KEYS):
-        key = _lr_key(cfg.model)
-        base_lr = float(OmegaConf.select(cfg.model, key))
+    configured = OmegaConf.select(cfg.model, LR_KEY)
+    if configured is None and rule != "none":
+        raise ValueError(
+            f"hardware.lr_scaling={rule} needs a learning rate at model.{LR_KEY}; "
+            f"model <{cfg.model.get('_target_')}> has none"
+        )
+    if configured is not None:
+        base_lr = float(configured)
         lr = base_lr * factor
         with open_dict(cfg):
-            OmegaConf.update(cfg.model, key, lr, merge=False)
+            OmegaConf.update(cfg.model, LR_KEY, lr, merge=False)
     if "hardware" in cfg:
         with open_dict(cfg):
             cfg.hardware.effective_batch_size = effective
