@@ -19,6 +19,7 @@ from drdm.augmentation import (
 from drdm.data.io import save_nifti
 from drdm.deform import RandomDeformation, warp
 from drdm.metrics import dice_score
+from drdm.utils.instantiate import load_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SIZE = 64
@@ -111,8 +112,8 @@ def _strategy(name: str) -> AugmentationStrategy:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         config = compose(f"augmentation/{name}", overrides=["+data.ndims=2"])
     OmegaConf.set_struct(config, False)
-    # drdm_forward interpolates ${schedule}: the root config's deformation schedule
-    config.schedule = OmegaConf.load(CONF_DIR / "schedule" / "default.yaml")
+    # drdm_forward interpolates ${deformation}: the root config's forward process
+    config.deformation = load_config(CONF_DIR / "deformation" / "default.yaml")
     return instantiate(config.augmentation)
 
 

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from omegaconf import OmegaConf
 
 from drdm.deform import (
     RandomDeformation,
@@ -20,12 +19,13 @@ from drdm.deform import (
 )
 from drdm.deform.sampling import multiscale_noise
 from drdm.deform.spatial import compose
+from drdm.utils.instantiate import load_config
 
-SCHEDULES = Path(__file__).resolve().parents[1] / "conf" / "schedule"
+SCHEDULES = Path(__file__).resolve().parents[1] / "conf" / "deformation"
 
 
 def _schedule(name: str) -> RandomDeformation:
-    return instantiate(OmegaConf.load(SCHEDULES / f"{name}.yaml"))
+    return instantiate(load_config(SCHEDULES / f"{name}.yaml"))
 
 
 def test_step_schedules_match_the_reference_formulas():

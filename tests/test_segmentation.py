@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from drdm.losses import soft_dice_loss
 from drdm.models.segmentation import SegmentationModule
 from drdm.nets.segmentation_unet import SegmentationUNet
+from drdm.utils.instantiate import load_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -51,7 +52,7 @@ def test_class_names_must_match_the_net():
 
 
 def _embedded_segmentation_data(n_labelled: int = 1):
-    config = OmegaConf.load(CONF_DIR / "data" / "default.yaml")
+    config = load_config(CONF_DIR / "data" / "default.yaml")
     config.task = "segmentation"
     config.n_labelled = n_labelled
     config.split.val_ids = ["icbm152_b00_00_04"]
@@ -63,8 +64,8 @@ def _strategy(name: str):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         config = compose(f"augmentation/{name}", overrides=["+data.ndims=2"])
     OmegaConf.set_struct(config, False)
-    # drdm_forward interpolates ${schedule}: the root config's deformation schedule
-    config.schedule = OmegaConf.load(CONF_DIR / "schedule" / "default.yaml")
+    # drdm_forward interpolates ${deformation}: the root config's forward process
+    config.deformation = load_config(CONF_DIR / "deformation" / "default.yaml")
     return config.augmentation
 
 

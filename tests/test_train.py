@@ -74,7 +74,7 @@ def test_fast_dev_run_3d(tmp_path):
 def test_experiments_compose_into_consistent_models(tmp_path, experiment, ndims, size):
     cfg = compose_train(tmp_path, [f"experiment={experiment}", "data.root=/nonexistent"])
     assert cfg.data.ndims == ndims and list(cfg.data.image_size) == [size] * ndims
-    assert cfg.model.net.ndims == ndims and cfg.schedule.ndims == ndims
+    assert cfg.model.net.ndims == ndims and cfg.deformation.ndims == ndims
     assert cfg.task_name == experiment
     model = build(cfg.model)
     assert model.timesteps == 80 and model.hparams.image_size == [size] * ndims
@@ -112,3 +112,31 @@ def test_train_script_writes_checkpoint_figure_and_logs_under_logs(tmp_path):
     assert list((run / "figures").glob("*.png"))
     assert list((run / "wandb").glob("offline-run-*"))
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "group, option",
+    [
+        ("deformation", "default"),
+        ("deformation", "default_3d"),
+        ("deformation", "reference_2d"),
+        ("deformation", "reference_3d"),
+        ("data", "default"),
+        ("data", "acdc_official"),
+        ("data", "learn2reg"),
+        ("data", "nifti_folder"),
+    ],
+)
+def test_one_file_of_a_group_reads_as_hydra_composes_it(group, option):
+    """``load_config`` (benchmarks, tests, the authors' checkpoint loader) merges the option's
+    group-internal defaults (``base``, ...) the way Hydra does."""
+    from omegaconf import OmegaConf
+
+    from drdm.utils.instantiate import load_config
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        composed = compose("train", overrides=[f"{group}={option}", "paths.output_dir=unused"])
+    read = load_config(CONF / group / f"{option}.yaml")
+    assert "defaults" not in read
+    assert OmegaConf.to_container(read) == OmegaConf.to_container(composed[group])

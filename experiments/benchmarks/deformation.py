@@ -3,7 +3,7 @@
 Not a test. For each case (2D 256^2 with batch 1 and 16, 3D 64^3 and 128^3 with batch 1) and each
 step ``t`` in {1, 20, 48, 79} it times, in this process and with the same random draws:
 
-* **ours**: ``drdm.deform.RandomDeformation`` built from ``conf/schedule/reference_2d.yaml`` /
+* **ours**: ``drdm.deform.RandomDeformation`` built from ``conf/deformation/reference_2d.yaml`` /
   ``reference_3d.yaml`` (binary powers of the map on the control grid, only the kept voxels
   resampled onto the image);
 * **loop**: the reference algorithm: one composition per step on the control grid, the diffused
@@ -42,7 +42,6 @@ from benchmark_utils import (
     write_atomic,
 )
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from drdm.deform import (
     RandomDeformation,
@@ -50,6 +49,7 @@ from drdm.deform import (
     displacement_stats,
     folding_ratio,
 )
+from drdm.utils.instantiate import load_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deformation.md"
 STEPS = (1, 20, 48, 79)
@@ -71,7 +71,7 @@ QUICK_CASES = {
 
 
 def ours_generator(case: dict) -> RandomDeformation:
-    config = OmegaConf.load(ROOT / "conf" / "schedule" / f"{case['schedule']}.yaml")
+    config = load_config(ROOT / "conf" / "deformation" / f"{case['schedule']}.yaml")
     return instantiate(config, **case.get("overrides", {}))
 
 
@@ -335,7 +335,7 @@ def write_report(
         "",
         f"Machine: {machine_description(device)}.",
         "",
-        "*ours*: `RandomDeformation` from `conf/schedule/reference_2d.yaml` (2D) or "
+        "*ours*: `RandomDeformation` from `conf/deformation/reference_2d.yaml` (2D) or "
         "`reference_3d.yaml` (3D): binary powers of the map (the last squaring and "
         "multiplication only on the control points that the kept voxels read), only the kept "
         "voxels resampled; in 2D it integrates on a 4x refined grid (256^2 points instead of "

@@ -6,14 +6,14 @@ Trainer, exactly what ``src/train.py`` runs) in its own process, one thread each
 Every ``--eval-every`` training samples a callback measures the recovery error
 (:mod:`drdm.metrics.recovery`) of the network used for generation (the EMA copy when the recipe
 keeps one) on **fixed validation fields**: the validation slices, each deformed by
-``--fields-per-image`` fields of ``conf/schedule/default.yaml`` drawn once from a fixed seed at
+``--fields-per-image`` fields of ``conf/deformation/default.yaml`` drawn once from a fixed seed at
 steps spread evenly over ``0 .. T-1``, the same for every recipe. Training time excludes these
 measurements.
 
 Recipes:
 
 * ``reference``: the authors' recipe: batch 1, Adam 1e-4 (constant), per-voxel relative error,
-  no EMA, their field numerics (``schedule.integrator=reference``, ``refinement=1``) at the
+  no EMA, their field numerics (``deformation.integrator=reference``, ``refinement=1``) at the
   ``v_scale`` that gives drdm's displacement scale at 64 px (their unit conversion, image size
   squared over control size squared, is half the geometric one at 64 px and twice it at 256).
 * ``drdm``: ``conf/train.yaml`` as shipped.
@@ -59,9 +59,9 @@ RECIPES = {
         "model.scheduler=null",
         "model.ema_decay=null",
         "model.loss.rse_reduction=voxel",
-        "schedule.integrator=reference",
-        "schedule.refinement=1",
-        "schedule.v_scale=1.6e-4",
+        "deformation.integrator=reference",
+        "deformation.refinement=1",
+        "deformation.v_scale=1.6e-4",
     ],
     "drdm": [],
 }
@@ -82,13 +82,13 @@ COMMON = [
 
 def fixed_validation_set(datamodule, fields_per_image: int):
     """The validation slices, each deformed by ``fields_per_image`` fields of
-    ``conf/schedule/default.yaml`` (see :func:`drdm.metrics.recovery.fixed_validation_fields`)."""
+    ``conf/deformation/default.yaml`` (:func:`drdm.metrics.recovery.fixed_validation_fields`)."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from drdm.metrics.recovery import fixed_validation_fields
+    from drdm.utils.instantiate import load_config
 
-    schedule = instantiate(OmegaConf.load(ROOT / "conf" / "schedule" / "default.yaml"))
+    schedule = instantiate(load_config(ROOT / "conf" / "deformation" / "default.yaml"))
     images = torch.cat([batch["image"] for batch in datamodule.dataloader("val", shuffle=False)])
     return fixed_validation_fields(images, schedule, fields_per_image)
 
@@ -236,7 +236,7 @@ def report(args, curves: dict[str, list[dict]], meta: dict) -> str:
         f"{args.threads} thread(s), the recipes side by side. Every {args.eval_every} training "
         "samples the recovery error `sqrt(sum |q + d|^2 / sum |d|^2)` of the generation network "
         "(EMA copy where kept) is measured on fixed validation fields: the "
-        f"validation slices x {args.fields_per_image} fields of `conf/schedule/default.yaml`, "
+        f"validation slices x {args.fields_per_image} fields of `conf/deformation/default.yaml`, "
         "t spread over 0..79, one seed, identical for every recipe (0 = perfect, 1 = no "
         "recovery). Seconds: training time only.",
         "",

@@ -30,8 +30,22 @@ from drdm.generation.chain import check_sampling_steps, minmax_normalise, recove
 from drdm.generation.slices import field_to_volume, to_slices, to_volume
 
 _SEED_MIX = 1_000_003
-# conf/schedule/reference_2d.yaml: the reference's 2D displacement scale at 256 x 256
-REFERENCE_2D_SCHEDULE = {"v_scale": 8.0e-5, "refinement": 4, "integrator": "squaring"}
+
+
+def reference_2d_schedule() -> dict:
+    """``conf/deformation/reference_2d.yaml`` (with its base) as ``RandomDeformation`` arguments:
+    the forward process the authors' 2D checkpoint is loaded with."""
+    from drdm.utils.instantiate import config_dir, load_config
+
+    path = config_dir() / "deformation" / "reference_2d.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the authors' checkpoint is loaded with {path} (conf/ of the drdm checkout); "
+            "set DRDM_ROOT to the checkout"
+        )
+    config = dict(load_config(path))
+    config.pop("_target_", None)
+    return config
 
 
 def mix_seed(*keys: int) -> int:
@@ -269,11 +283,12 @@ class DRDM:
 
             net = load_reference_checkpoint(path, map_location=map_location)
             # The authors' schedule at their 256 x 256 training size, on drdm's integrator with the
-            # scale calibrated to theirs (conf/schedule/reference_2d.yaml): the same magnitudes
+            # scale calibrated to theirs (conf/deformation/reference_2d.yaml): the same magnitudes
             # without the folding of their forward fields. schedule={"integrator": "reference",
             # "v_scale": 4e-5, "refinement": 1} reproduces their numerics exactly.
-            settings = {**REFERENCE_2D_SCHEDULE, **(schedule or {})}
-            deformation = RandomDeformation(ndims=net.ndims, timesteps=net.timesteps, **settings)
+            settings = {**reference_2d_schedule(), **(schedule or {})}
+            settings.update(ndims=net.ndims, timesteps=net.timesteps)
+            deformation = RandomDeformation(**settings)
             options = {**_set_options(fallback or {}), **_set_options(options)}
             return cls(net, deformation, (256,) * net.ndims, **options)
         raise ValueError(f"{path}: expected a Lightning .ckpt or the authors' .pth state_dict")

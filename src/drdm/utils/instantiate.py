@@ -7,6 +7,7 @@ Modules take *configs* for their parts (net, deformation schedule, optimizer) so
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -34,3 +35,36 @@ def build(config_or_object: Any, **kwargs: Any) -> Any:
             )
         return hydra.utils.instantiate(config_or_object, **kwargs)
     return config_or_object
+
+
+def load_config(path: str | Path) -> DictConfig:
+    """One option file of a config group, with the group-internal ``defaults`` it builds on.
+
+    ``conf/deformation/reference_2d.yaml`` lists ``defaults: [base, _self_]``; Hydra merges
+    ``base.yaml`` first when it composes the group. This does the same for code that reads one
+    file (benchmarks, tests, the loader of the authors' checkpoint): entries are sibling file
+    names, ``_self_`` is the file itself (last when not listed), merged in order.
+
+    Raises:
+        FileNotFoundError: the file or one of its defaults is missing (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    config = OmegaConf.load(path)
+    defaults = list(config.pop("defaults", None) or [])
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    merged = OmegaConf.create()
+    for entry in defaults:
+        part = config if entry == "_self_" else load_config(path.with_name(f"{entry}.yaml"))
+        merged = OmegaConf.merge(merged, part)
+    return merged
+
+
+def config_dir() -> Path:
+    """The ``conf/`` folder: ``$DRDM_ROOT/conf`` when set, else the source checkout's."""
+    import os
+
+    root = os.environ.get("DRDM_ROOT")
+    return Path(root) / "conf" if root else Path(__file__).resolve().parents[3] / "conf"
