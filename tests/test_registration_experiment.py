@@ -98,7 +98,7 @@ def test_every_mode_trains_through_hydra_and_evaluates(tmp_path, tiny_drdm):
 
 
 @pytest.mark.slow
-def test_eval_writes_geometry_preserving_outputs(tmp_path):
+def test_eval_writes_geometry_preserving_outputs(tmp_path, capfd):
     cfg = compose_train(tmp_path / "train", [*TINY_REGISTRATION, "model.mode=synthetic_bspline"])
     result = train(cfg)
     checkpoint = tmp_path / "registration.ckpt"
@@ -120,6 +120,9 @@ def test_eval_writes_geometry_preserving_outputs(tmp_path):
             ],
         )
     csv_path = _eval_script().evaluate(eval_cfg)
+    # a progress bar over the pairs on stderr (tqdm: "2/2 [..., x.xx pair/s]")
+    progress = capfd.readouterr().err
+    assert "2/2" in progress and "pair/s" in progress, progress[-500:]
 
     with open(csv_path, newline="") as stream:
         rows = list(csv.DictReader(stream))
