@@ -63,8 +63,11 @@ def load_config(path: str | Path) -> DictConfig:
 
 
 def config_dir() -> Path:
-    """The ``conf/`` folder: ``$DRDM_ROOT/conf`` when set, else the source checkout's."""
+    """The ``conf/`` folder of the checkout this package runs from, else ``$DRDM_ROOT/conf``
+    (``DRDM_ROOT`` also moves ``logs/``, so it is only the fallback)."""
     import os
 
-    root = os.environ.get("DRDM_ROOT")
-    return Path(root) / "conf" if root else Path(__file__).resolve().parents[3] / "conf"
+    checkout = Path(__file__).resolve().parents[3] / "conf"
+    if checkout.is_dir() or not os.environ.get("DRDM_ROOT"):
+        return checkout
+    return Path(os.environ["DRDM_ROOT"]) / "conf"
