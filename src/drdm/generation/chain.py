@@ -32,7 +32,7 @@ step, and its prediction stands in for the steps it skips. How it stands in is `
   prediction (share ``r_i``) is raised to ``(1 - prod_j (1 - r_j)) / r_i``. This saturates where
   the others overshoot: ``r_1 = 1``, and the last block never removes more than all that is left.
 
-With one call per step both rules are the full chain, bit for bit.
+With one call per step every rule is the full chain, bit for bit.
 """
 
 from __future__ import annotations
@@ -231,5 +231,6 @@ def recover(
         if not plan.single[call]:
             prediction = displacement_power(prediction, plan.power[call])
         displacement = torch.where(active, compose(displacement, prediction), displacement)
-        current = warp(image, displacement, mode=mode)
+        if call + 1 < plan.calls:  # the next call's input; the last one needs none
+            current = warp(image, displacement, mode=mode)
     return displacement

@@ -183,14 +183,17 @@ def augment_case(
     t0=None,
     slice_axis: int = 2,
     progress=None,
+    pending: set[int] | None = None,
 ) -> int:
     """Generate the unfinished samples of one input, block by block (:func:`sample_blocks`),
     writing each block's files before the next is generated; returns how many were written.
 
-    ``progress``: a tqdm-style bar, advanced by one per written sample."""
+    ``progress``: a tqdm-style bar, advanced by one per written sample; ``pending``: the
+    unfinished ``k`` when the caller already found them (:func:`pending_samples`)."""
     stem = case.stem
     labelled = case.label is not None
-    pending = pending_samples(case, output_dir, manifest, num_samples)
+    if pending is None:
+        pending = pending_samples(case, output_dir, manifest, num_samples)
     if not pending:
         log.info("%s: all %d samples already done", stem, num_samples)
         return 0
@@ -308,13 +311,13 @@ def augment(
         folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries([output_dir, *folders])
     manifest = read_manifest(output_dir / "manifest.csv")
-    pending = sum(len(pending_samples(c, output_dir, manifest, num_samples)) for c in cases)
+    pending = [pending_samples(case, output_dir, manifest, num_samples) for case in cases]
     generated = 0
-    with progress_bar(pending, "sample", enabled=progress) as bar:
-        for case in cases:
+    with progress_bar(sum(map(len, pending)), "sample", enabled=progress) as bar:
+        for case, unfinished in zip(cases, pending, strict=True):
             bar.set_postfix_str(case.stem)
             generated += augment_case(
-                drdm, case, output_dir, manifest, num_samples, seed, t0, slice_axis, bar
+                drdm, case, output_dir, manifest, num_samples, seed, t0, slice_axis, bar, unfinished
             )
     total = len(cases) * num_samples
     log.info(

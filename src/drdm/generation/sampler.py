@@ -118,13 +118,10 @@ def resize_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 def _from_lightning_checkpoint(path: Path, map_location, use_ema: bool):
     """``(net, deformation, hyper-parameters, generation defaults)`` of a ``DRDMModule``
     checkpoint, rebuilt from the configs it stores (no LightningModule involved)."""
-    from drdm.nets.checkpoint import _load_strictly, network_state
+    from drdm.nets.checkpoint import _load_strictly, network_state, read_lightning_checkpoint
     from drdm.utils.instantiate import build
 
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt / non-torch files
-        raise ValueError(f"cannot read {path} as a Lightning checkpoint: {error}") from error
+    checkpoint = read_lightning_checkpoint(path, map_location)
     hparams = checkpoint.get("hyper_parameters") or {}
     missing = [key for key in ("net", "deformation", "image_size") if not hparams.get(key)]
     if missing:
@@ -174,10 +171,11 @@ class DRDM:
         sampling_steps: network calls per sample, spread over the chain (a few-step chain,
             :func:`drdm.generation.chain.step_plan`); ``None`` or ``"all"``: one call per step
             (the method).
-        skipped_steps: how a call's prediction stands in for the steps it skips: ``"repeat"``
-            (applied once per step, exact self-composition), ``"k_rec"`` (rescaled to the
-            recovery the network is trained to give over them) or ``"remaining"`` (to the
-            share of the deformation left that they remove); :mod:`drdm.generation.chain`.
+        skipped_steps: how a call's prediction stands in for the steps it skips: ``"once"``
+            (applied once: the chain visits fewer steps), ``"repeat"`` (applied once per step,
+            exact self-composition), ``"k_rec"`` (rescaled to the recovery the network is
+            trained to give over them) or ``"remaining"`` (to the share of the deformation left
+            that they remove); :mod:`drdm.generation.chain`.
         batch_size: images per network call, or ``"auto"``: as many as fit a pixel budget on
             the recovery canvas (image plus margin): ``2**19`` pixels on a CPU (5 images at
             320 x 320; more images per call run past the caches and slow each image down,

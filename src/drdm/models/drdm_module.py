@@ -29,6 +29,7 @@ from drdm.generation.chain import minmax_normalise, recover, start_steps
 from drdm.losses import DRDMLoss
 from drdm.metrics.mean import WeightedMean
 from drdm.metrics.recovery import RecoveryError
+from drdm.models.ema import WarmedUpEMA, check_decay
 from drdm.models.optim import ADAM, check_interval, configure
 from drdm.utils.instantiate import build, to_plain
 
@@ -149,8 +150,8 @@ class DRDMModule(L.LightningModule):
         self.val_means = torch.nn.ModuleDict({name: WeightedMean() for name in VALIDATION_MEANS})
         self._weights_restored = False  # init_weights applied, or weights from a checkpoint
         self.generation_defaults: dict = {}
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
+        if ema_decay is not None:
+            check_decay(ema_decay)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -228,7 +229,9 @@ class DRDMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._weights_restored = True
-        _upgrade_ema_layout(checkpoint)
+        from drdm.nets.checkpoint import upgrade_ema_layout
+
+        upgrade_ema_layout(checkpoint)
         # generation settings a shipped checkpoint recommends (drdm.pretrained.export_checkpoint)
         self.generation_defaults = dict(checkpoint.get("generation_defaults") or {})
 
@@ -250,8 +253,6 @@ class DRDMModule(L.LightningModule):
     def configure_callbacks(self) -> list:
         if self.hparams.ema_decay is None:
             return []
-        from drdm.models.ema import WarmedUpEMA
-
         return [WarmedUpEMA(self.hparams.ema_decay)]
 
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
@@ -332,19 +333,3 @@ class DRDMModule(L.LightningModule):
     def inference_copy(self) -> torch.nn.Module:
         """A detached copy of the inference network in eval mode (for generation)."""
         return copy.deepcopy(self.inference_net).eval()
-
-
-def _upgrade_ema_layout(checkpoint: dict) -> None:
-    """Checkpoints from before the EMA callback kept the averaged copy as ``ema.module.*``:
-    move it to ``net.*`` and the trained weights to ``current_model_state``, the layout of
-    Lightning's ``WeightAveraging`` (in place)."""
-    state = checkpoint.get("state_dict") or {}
-    averaged = {k[len("ema.module.") :]: v for k, v in state.items() if k.startswith("ema.module.")}
-    if not averaged:
-        return
-    count = state.get("ema.n_averaged")
-    trained = {k: v for k, v in state.items() if not k.startswith("ema.")}
-    checkpoint["current_model_state"] = trained
-    checkpoint["state_dict"] = {**trained, **{"net." + k: v for k, v in averaged.items()}}
-    if count is not None:
-        checkpoint["averaging_state"] = {"n_averaged": count}

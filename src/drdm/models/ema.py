@@ -28,6 +28,13 @@ def warmed_up_ema(decay: float):
     return average
 
 
+def check_decay(decay: float) -> float:
+    """``decay`` itself, or a ``ValueError`` when it is outside ``(0, 1)``."""
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1) or null, got {decay}")
+    return decay
+
+
 class WarmedUpEMA(WeightAveraging):
     """``WeightAveraging`` with the warmed-up EMA (:func:`warmed_up_ema`), every optimiser step.
 
@@ -37,8 +44,7 @@ class WarmedUpEMA(WeightAveraging):
     """
 
     def __init__(self, decay: float = 0.999, device=None) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1) or null, got {decay}")
+        check_decay(decay)
         super().__init__(device=device, use_buffers=True, avg_fn=warmed_up_ema(decay))
         self.decay = float(decay)
 

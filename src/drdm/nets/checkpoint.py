@@ -99,28 +99,54 @@ def _load_strictly(net: torch.nn.Module, state: Mapping[str, torch.Tensor], path
     net.load_state_dict(state, strict=True)
 
 
+def read_lightning_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """A Lightning ``.ckpt`` as a dict, with ``weights_only=True`` (hyper-parameters are plain
+    containers beside the tensors); an unreadable file raises a ``ValueError`` naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt / non-torch files
+        raise ValueError(f"cannot read {path} as a Lightning checkpoint: {error}") from error
+
+
+def upgrade_ema_layout(checkpoint: dict) -> None:
+    """Checkpoints from before the EMA callback kept the averaged copy as ``ema.module.*``:
+    move it to ``net.*`` and the trained weights to ``current_model_state``, the layout of
+    Lightning's ``WeightAveraging`` (in place; other checkpoints are left as they are)."""
+    state = checkpoint.get("state_dict") or {}
+    averaged = {k[len("ema.module.") :]: v for k, v in state.items() if k.startswith("ema.module.")}
+    if not averaged:
+        return
+    count = state.get("ema.n_averaged")
+    trained = {k: v for k, v in state.items() if not k.startswith("ema.")}
+    checkpoint["current_model_state"] = trained
+    checkpoint["state_dict"] = {**trained, **{"net." + k: v for k, v in averaged.items()}}
+    if count is not None:
+        checkpoint["averaging_state"] = {"n_averaged": count}
+
+
 def network_state(path, checkpoint: Mapping, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """The recovery network's weights in a Lightning checkpoint of ``DRDMModule``.
 
     The EMA weights when ``use_ema`` and the run kept them, else the trained ones; keys without
     the ``net.`` prefix. Under Lightning's ``WeightAveraging`` the ``state_dict`` holds the
-    averaged weights and ``current_model_state`` the trained ones; older checkpoints kept the
-    averaged copy as ``ema.module.*`` beside the trained ``net.*``.
+    averaged weights and ``current_model_state`` the trained ones; older checkpoints (averaged
+    copy as ``ema.module.*``) are read through :func:`upgrade_ema_layout`.
     """
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, Mapping):
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
         raise ValueError(f"{path} is a Lightning checkpoint without a 'state_dict'")
+    checkpoint = dict(checkpoint)  # the upgrade must not change the caller's checkpoint
+    upgrade_ema_layout(checkpoint)
+    state = checkpoint["state_dict"]
     trained = checkpoint.get("current_model_state")
     if not use_ema and isinstance(trained, Mapping):
         state = trained
-    for prefix in ("ema.module.", "net.") if use_ema else ("net.",):
-        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if weights:
-            return weights
-    raise ValueError(
-        f"{path} holds no DRDMModule network weights (no 'net.*' or 'ema.module.*' keys; "
-        f"it has e.g. {sorted(state)[:5]})"
-    )
+    weights = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+    if not weights:
+        raise ValueError(
+            f"{path} holds no DRDMModule network weights (no 'net.*' or 'ema.module.*' keys; "
+            f"it has e.g. {sorted(state)[:5]})"
+        )
+    return weights
 
 
 def initialise_from(net: torch.nn.Module, path: str | os.PathLike, map_location="cpu") -> None:
@@ -140,12 +166,7 @@ def initialise_from(net: torch.nn.Module, path: str | os.PathLike, map_location=
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init_weights: no checkpoint file at {path}")
     if str(path).endswith(".ckpt"):
-        try:
-            # a Lightning checkpoint holds hyper-parameters (plain containers) beside tensors
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as error:
-            raise ValueError(f"cannot read {path} as a Lightning checkpoint: {error}") from error
-        state = network_state(path, checkpoint)
+        state = network_state(path, read_lightning_checkpoint(path, map_location))
     else:
         state = _read_state_dict(path, map_location)
     _load_strictly(net, state, path)

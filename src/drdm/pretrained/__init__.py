@@ -61,9 +61,9 @@ def export_checkpoint(
     """
     import lightning
 
-    from drdm.nets.checkpoint import network_state
+    from drdm.nets.checkpoint import network_state, read_lightning_checkpoint
 
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    checkpoint = read_lightning_checkpoint(source)
     weights = {"net." + k: v for k, v in network_state(source, checkpoint, use_ema).items()}
     hyper_parameters = dict(checkpoint["hyper_parameters"])
     # no EMA copy, no init file, no figures folder of the machine that trained it
