@@ -14,9 +14,10 @@ cut into ``C`` consecutive blocks; the network is called once per block, at its 
 step, and its prediction stands in for the steps it skips. How it stands in is ``skipped_steps``:
 
 * ``"once"``: applied once; the chain simply visits fewer steps. In the authors' chain,
-  consecutive predictions in the middle of the chain are nearly uncorrelated (cosine about 0
-  between steps ~70 and ~20 on an ACDC slice) while the field's size barely changes: the steps
-  mostly cancel, so applying one prediction for many steps adds drift the chain never makes;
+  consecutive predictions in the middle of the chain were nearly uncorrelated in a one-off probe
+  on an ACDC slice (steps ~70 to ~20), while the field's size barely changed: the steps mostly
+  cancel, so applying one prediction for many steps adds drift the chain never makes (the
+  ``repeat`` rows of ``experiments/benchmarks/results/generation.md`` show it);
 * ``"repeat"``: the prediction is applied once per step of its block, ``p^r`` (the ``r``-fold
   self-composition, exact by binary powers, :func:`drdm.deform.flow.integrate`): what the full chain
   would do if the network's answer did not change over the block;

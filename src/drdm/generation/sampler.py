@@ -178,9 +178,8 @@ class DRDM:
             that they remove); :mod:`drdm.generation.chain`.
         batch_size: images per network call, or ``"auto"``: as many as fit a pixel budget on
             the recovery canvas (image plus margin): ``2**19`` pixels on a CPU (5 images at
-            320 x 320; more images per call run past the caches and slow each image down,
-            0.31 s instead of 0.14 s per 320^2 image at 12 per call on a 2-core CPU) and
-            ``2**23`` on a GPU.
+            320 x 320; in a one-off timing on a 2-core CPU, more images per call ran past the
+            caches and slowed each image down) and ``2**23`` on a GPU.
         margin: voxels added around the model-size image (and its field, replicated) during
             recovery, cropped afterwards, so the image border is not an edge of the network's
             input; on the ACDC sample with the authors' checkpoint this takes folding from 2.4 %
