@@ -9,16 +9,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from drdm.augmentation import (
-    AugmentationStrategy,
-    DRDMBatchAugmentation,
-    DRDMField,
-    ForwardDiffusionField,
-    OfflineSyntheticPool,
-)
+from drdm.augmentation import AugmentationStrategy, DRDMBatchAugmentation, OfflineSyntheticPool
 from drdm.data.io import save_nifti
 from drdm.deform import RandomDeformation, warp
 from drdm.metrics import dice_score
+from drdm.synthesis import DRDMFieldSource, ForwardDiffusionFieldSource
 from drdm.utils.instantiate import load_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -60,7 +55,7 @@ def _labels_from_intensity(image: torch.Tensor) -> torch.Tensor:
 def test_drdm_transform_moves_label_with_its_image(label_mode):
     torch.manual_seed(0)
     batch = _blob_batch()
-    source = ForwardDiffusionField(RandomDeformation(ndims=2))
+    source = ForwardDiffusionFieldSource(RandomDeformation(ndims=2))
     transform = DRDMBatchAugmentation(source, ratio=1.0, t0_range=(50, 60), label_mode=label_mode)
     out = transform(batch)
 
@@ -89,7 +84,7 @@ def test_drdm_ratio_and_labelled_sources_only():
     batch["has_label"] = torch.tensor([True, False, True, False])
     batch["label"][~batch["has_label"]] = -1
     transform = DRDMBatchAugmentation(
-        ForwardDiffusionField(RandomDeformation(ndims=2)), ratio=0.5, t0_range=(5, 10)
+        ForwardDiffusionFieldSource(RandomDeformation(ndims=2)), ratio=0.5, t0_range=(5, 10)
     )
     out = transform(batch)
     assert out["image"].shape[0] == 5  # round(0.5 * 2 labelled) = 1 appended
@@ -99,9 +94,9 @@ def test_drdm_ratio_and_labelled_sources_only():
 
 def test_drdm_source_needs_a_real_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="checkpoint"):
-        DRDMField(None)
+        DRDMFieldSource(None)
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        DRDMField(tmp_path / "missing.ckpt")
+        DRDMFieldSource(tmp_path / "missing.ckpt")
     with pytest.raises(ValueError, match="t0_range"):
         DRDMBatchAugmentation(lambda image, t0: image, t0_range=(10, 5))
     with pytest.raises(ValueError, match="label_mode"):
@@ -197,27 +192,27 @@ def test_offline_pool_errors(tmp_path):
         pool(_blob_batch(1))
 
 
-class _CountingSource:
-    """The forward process, counting how many fields it was asked for."""
+class _CountingSource(ForwardDiffusionFieldSource):
+    """The forward process, counting how many fields it was asked to make."""
 
-    def __init__(self) -> None:
-        self.forward = ForwardDiffusionField(RandomDeformation(ndims=2))
+    def __init__(self, fields_per_image: int) -> None:
+        super().__init__(RandomDeformation(ndims=2), fields_per_image=fields_per_image)
         self.fields = 0
 
-    def __call__(self, image: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
+    def generate(self, image, t0, generator):
         self.fields += image.shape[0]
-        return self.forward(image, t0)
+        return super().generate(image, t0, generator)
 
 
 def test_drdm_pool_generates_at_most_k_fields_per_sample_then_reuses_them():
     torch.manual_seed(4)
-    source = _CountingSource()
-    transform = DRDMBatchAugmentation(source, ratio=2.0, t0_range=(40, 50), fields_per_sample=2)
+    source = _CountingSource(fields_per_image=2)
+    transform = DRDMBatchAugmentation(source, ratio=2.0, t0_range=(40, 50))
     batch = _blob_batch(2)
     outputs = [transform(batch) for _ in range(6)]
     # 2 real samples x K = 2: never more than 4 fields, however many pairs are appended
     assert source.fields <= 4 and sum(len(out["image"]) - 2 for out in outputs) == 24
-    pools = transform._field_cache
+    pools = source.bank
     assert set(pools) == {"s0", "s1"} and all(len(pool) == 2 for pool in pools.values())
     last = outputs[-1]
     for index, name in enumerate(last["id"][2:], 2):
@@ -237,8 +232,8 @@ def test_drdm_pool_generates_at_most_k_fields_per_sample_then_reuses_them():
             3,
         )
         assert (agreement > 0.85).all()  # the label blob stays on its image blob
-    with pytest.raises(ValueError, match="fields_per_sample"):
-        DRDMBatchAugmentation(source, fields_per_sample=0)
+    with pytest.raises(ValueError, match="fields_per_image"):
+        _CountingSource(fields_per_image=-1)
     without_ids = {k: v for k, v in batch.items() if k != "id"}
     with pytest.raises(ValueError, match="'id'"):
         transform(without_ids)
@@ -251,7 +246,7 @@ def test_cpu_sized_drdm_strategy_config(tmp_path):
         config = compose("augmentation/drdm_cpu", overrides=[f"+drdm_checkpoint={checkpoint}"])
     strategy = instantiate(config.augmentation)
     (transform,) = strategy.batch_transforms
-    assert strategy.name == "drdm_cpu" and transform.fields_per_sample == 3
+    assert strategy.name == "drdm_cpu" and transform.source.fields_per_image == 3
     assert transform.t0_per_batch and transform.t0_range == (16, 32)
     assert transform.source.checkpoint == checkpoint
-    assert transform.source.load_kwargs == {"start_step": "t0"}
+    assert transform.source.options == {"start_step": "t0"}

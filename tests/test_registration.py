@@ -196,7 +196,9 @@ def test_synthetic_training_learns_the_field():
         loss.backward()
         optimizer.step()
     held_out_images = torch.sigmoid(10 * (_blobs(8, (32, 32), seed=99) - 0.5))
-    held_out = make_pair(held_out_images, source(held_out_images, torch.Generator().manual_seed(9)))
+    held_out = make_pair(
+        held_out_images, source(held_out_images, generator=torch.Generator().manual_seed(9))
+    )
     with torch.no_grad():
         predicted = model(held_out.moving, held_out.fixed)
     identity_error = endpoint_error(torch.zeros_like(predicted), held_out.displacement).mean()

@@ -137,13 +137,16 @@ def load_slices(volume: str, slices: list[int]) -> tuple[torch.Tensor, torch.Ten
 
 
 def parse_schedule(spec: str) -> dict:
-    """``START:CALLS[:RULE][@MARGIN][/BATCH]`` -> a row's settings (``None``: the model's)."""
-    rest, _, batch = spec.partition("/")
+    """``START:CALLS[:RULE][@MARGIN][/BATCH][~PRECISION]`` -> a row's settings (``None``: the
+    model's)."""
+    rest, _, precision = spec.partition("~")
+    rest, _, batch = rest.partition("/")
     rest, _, margin = rest.partition("@")
     parts = rest.split(":")
     if len(parts) not in (2, 3) or parts[0] not in ("T", "t0"):
         raise ValueError(
-            f"schedule {spec!r}: expected START:CALLS[:RULE][@MARGIN][/BATCH], START T or t0"
+            f"schedule {spec!r}: expected START:CALLS[:RULE][@MARGIN][/BATCH][~PRECISION], "
+            "START T or t0"
         )
     return dict(
         name=spec,
@@ -153,6 +156,7 @@ def parse_schedule(spec: str) -> dict:
         skipped_steps=parts[2] if len(parts) == 3 else "once",
         margin=int(margin) if margin else None,
         batch=int(batch) if batch else None,
+        precision=precision or None,
     )
 
 
@@ -210,7 +214,7 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------- parts
-SETTINGS = ("start_step", "sampling_steps", "skipped_steps", "margin")
+SETTINGS = ("start_step", "sampling_steps", "skipped_steps", "margin", "precision")
 
 
 def configure(drdm: DRDM, row: dict) -> DRDM:
@@ -231,10 +235,12 @@ def run_schedules(args) -> tuple[dict, dict]:
         sampling_steps=drdm.sampling_steps,
         skipped_steps=drdm.skipped_steps,
         margin=drdm.margin,
+        precision=drdm.precision,
     )
     rows = [parse_schedule(spec) for spec in args.schedules]
     for row in rows:
-        row["margin"] = default["margin"] if row["margin"] is None else row["margin"]
+        for key in ("margin", "precision"):
+            row[key] = default[key] if row[key] is None else row[key]
         row["shipped_batch"] = shipped_batch
     # a first call pays for lazy initialisation
     configure(drdm, rows[0]).generate(images[:1], num_samples=1, seed=99, t0=1)
@@ -286,6 +292,7 @@ def figure_samples(args, record: dict) -> dict:
         row = parse_schedule(spec)
         if row["margin"] is None:
             row["margin"] = resolve_margin(None, drdm.image_size)
+        row["precision"] = row["precision"] or drdm.precision
         entries.append((spec, row))
     shown = {}
     for name, row in entries:
@@ -311,6 +318,7 @@ def run_speed(args) -> dict:
         other = load_model(args.checkpoint, args.schedule).to(args.device)
         row = parse_schedule(spec)
         row["margin"] = other.margin if row["margin"] is None else row["margin"]
+        row["precision"] = row["precision"] or other.precision
         configure(other, {**row, "shipped_batch": other.batch_size})
         configs.append((spec, other, "fp32", False))
     for model in {id(c[1]): c[1] for c in configs}.values():  # lazy initialisation, untimed

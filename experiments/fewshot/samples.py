@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     # one synthetic pair per real slice, twice; each draw is a fresh generator call
     for transform in strategy.batch_transforms:
         transform.ratio = 1.0
-        transform.fields_per_sample = None
+        transform.source.fields_per_image = 0
     outputs = [
         [strategy.device(one_sample(batch, row)) for _ in range(2)]
         for row in range(batch["image"].shape[0])

@@ -7,7 +7,7 @@ Subpackages, lowest layer first (none imports one above it):
     drdm.data          one TorchIO-subject LightningDataModule for every task
     drdm.generation    DRDM.load(...).generate(...): recovery chains, slice mode, NIfTI outputs
     drdm.augmentation  batch transforms for few-shot segmentation (DRDM on the fly, TorchIO)
-    drdm.synthesis     synthetic registration pairs with a known field
+    drdm.synthesis     field sources (one interface, one bank) and synthetic registration pairs
     drdm.models        the LightningModules, their optimiser configs and the EMA callback
     drdm.training      train(): everything src/train.py does, importable for tests and sweeps
 """

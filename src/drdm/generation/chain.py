@@ -31,7 +31,12 @@ step, and its prediction stands in for the steps it skips. How it stands in is `
   share ``r_j = k_rec(j) / k_diff(j)`` of the deformation left. A block then removes
   ``1 - prod_j (1 - r_j)`` of it (shares of what is left compound, they do not add), so the call's
   prediction (share ``r_i``) is raised to ``(1 - prod_j (1 - r_j)) / r_i``. This saturates where
-  the others overshoot: ``r_1 = 1``, and the last block never removes more than all that is left.
+  the others overshoot: ``r_1 = 1``, and the last block never removes more than all that is left;
+* ``"uncorrelated"``: the prediction is rescaled to the size of the block's steps added as
+  uncorrelated vectors, ``sqrt(sum_j k_rec(j)^2) / k_rec(i)``: the random-walk reading of the
+  probe above (steps of size ``~k_rec(j)`` in nearly unrelated directions add in quadrature, so
+  ``r`` such steps move the field ``~sqrt(r)`` steps' length, not ``r``). It applies more than
+  ``"once"`` and less than ``"k_rec"``.
 
 With one call per step every rule is the full chain, bit for bit.
 """
@@ -45,7 +50,7 @@ import torch
 from drdm.deform.flow import integrate
 from drdm.deform.spatial import compose, warp
 
-SKIPPED_STEP_RULES = ("once", "repeat", "k_rec", "remaining")
+SKIPPED_STEP_RULES = ("once", "repeat", "k_rec", "remaining", "uncorrelated")
 
 
 def minmax_normalise(image: torch.Tensor) -> torch.Tensor:
@@ -124,7 +129,7 @@ def block_powers(first: int, starts: list[int], rule: str, deformation=None) -> 
         raise ValueError(f"skipped_steps={rule!r} needs the deformation schedule (k_rec, k_diff)")
     t = torch.arange(first + 1)
     k_rec = deformation.recovery_steps(t).double()
-    if rule == "k_rec":
+    if rule in ("k_rec", "uncorrelated"):
         shares = k_rec
     else:  # remaining: step j removes the share r_j = k_rec(j) / k_diff(j) of what is left
         shares = (k_rec / deformation.diffusion_steps(t).double().clamp_min(1)).clamp(max=1)
@@ -135,6 +140,8 @@ def block_powers(first: int, starts: list[int], rule: str, deformation=None) -> 
             powers.append(1.0)
         elif rule == "k_rec":
             powers.append(float(block.sum()) / top)
+        elif rule == "uncorrelated":
+            powers.append(float(block.square().sum().sqrt()) / top)
         else:
             powers.append(float(1 - torch.prod(1 - block)) / top)
     return powers
@@ -151,8 +158,8 @@ def step_plan(
     Args:
         first_step: ``[B]`` long, the first step of each chain.
         sampling_steps: network calls per chain (``None``: one per step, the method's chain).
-        skipped_steps: ``"once"``, ``"repeat"``, ``"k_rec"`` or ``"remaining"`` (the last two
-            need ``deformation``).
+        skipped_steps: ``"once"``, ``"repeat"``, ``"k_rec"``, ``"remaining"`` or
+            ``"uncorrelated"`` (the last three need ``deformation``).
         deformation: the forward schedule, with ``recovery_steps`` (``k_rec``) and
             ``diffusion_steps`` (``k_diff``), ``t [B] long -> [B] long`` (``RandomDeformation``).
     """

@@ -30,6 +30,7 @@ from drdm.generation.chain import check_sampling_steps, minmax_normalise, recove
 from drdm.generation.slices import field_to_volume, to_slices, to_volume
 
 _SEED_MIX = 1_000_003
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def reference_2d_schedule() -> dict:
@@ -151,6 +152,19 @@ def resolve_margin(margin: int | float | None, image_size: Sequence[int]) -> int
     return int(margin)
 
 
+def _native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 natively (a GPU that supports it; a CPU with oneDNN's
+    AVX512-BF16 / AMX kernels)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:  # torch's own test of the CPU's bf16 kernels (used by its test suite)
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def _set_options(options: dict) -> dict:
     """The options a caller actually set (``None`` means "the default")."""
     return {key: value for key, value in options.items() if value is not None}
@@ -174,8 +188,13 @@ class DRDM:
         skipped_steps: how a call's prediction stands in for the steps it skips: ``"once"``
             (applied once: the chain visits fewer steps), ``"repeat"`` (applied once per step,
             exact self-composition), ``"k_rec"`` (rescaled to the recovery the network is
-            trained to give over them) or ``"remaining"`` (to the share of the deformation left
-            that they remove); :mod:`drdm.generation.chain`.
+            trained to give over them), ``"remaining"`` (to the share of the deformation left
+            that they remove) or ``"uncorrelated"`` (to their size added in quadrature);
+            :mod:`drdm.generation.chain`.
+        precision: the network's arithmetic: ``"fp32"``, ``"bf16"`` (autocast around each
+            network call; fields are composed and warped in fp32) or ``"auto"``: bf16 on a GPU
+            with bf16 support and on a CPU with native bf16 (oneDNN: AVX512-BF16 / AMX), fp32
+            otherwise (emulated bf16 is slower than fp32).
         batch_size: images per network call, or ``"auto"``: as many as fit a pixel budget on
             the recovery canvas (image plus margin): ``2**19`` pixels on a CPU (5 images at
             320 x 320; in a one-off timing on a 2-core CPU, more images per call ran past the
@@ -204,6 +223,7 @@ class DRDM:
         batch_size: int | str = 32,
         margin: int | float | None = None,
         margin_padding: str = "reflect",
+        precision: str = "fp32",
     ) -> None:
         self.memory_format = torch.channels_last if len(image_size) == 2 else torch.channels_last_3d
         # channels-last convolutions: about 14 % less time per network call on a CPU (the
@@ -235,6 +255,11 @@ class DRDM:
                 f"margin_padding must be reflect | replicate | constant, got {margin_padding!r}"
             )
         self.margin_padding = margin_padding
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {' | '.join(PRECISIONS)}, got {precision!r}"
+            )
+        self.precision = precision
         self.device = torch.device("cpu")
 
     # ------------------------------------------------------------------ construction
@@ -305,6 +330,27 @@ class DRDM:
         budget = 2**23 if self.device.type == "cuda" else 2**19
         canvas = math.prod(n + 2 * self.margin for n in self.image_size)
         return max(1, budget // canvas)
+
+    @property
+    def network_dtype(self) -> torch.dtype:
+        """The dtype of the network's arithmetic (``precision``, resolved for ``"auto"``)."""
+        if self.precision == "fp32":
+            return torch.float32
+        if self.precision == "bf16" or _native_bf16(self.device):
+            return torch.bfloat16
+        return torch.float32
+
+    def _network(self):
+        """``net(image, t)``, under bf16 autocast where :attr:`network_dtype` says so."""
+        if self.network_dtype == torch.float32:
+            return self.net
+        device_type, net = self.device.type, self.net
+
+        def network(image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                return net(image, t)
+
+        return network
 
     def t0_for(self, num_samples: int) -> list[int]:
         """The default ``t0`` of samples ``0 .. num_samples-1``, clamped to ``T - 1``."""
@@ -429,7 +475,7 @@ class DRDM:
             field = F.pad(diffused, pad, mode="replicate")
         canvas = canvas.contiguous(memory_format=self.memory_format)
         recovered = recover(
-            self.net,
+            self._network(),
             canvas,
             field,
             first,
