@@ -75,14 +75,16 @@ def test_generation_benchmark_quick(benchmarks, tmp_path):
         "T:4",
         "T:2:repeat",
         "t0:2:remaining",
+        "t0:2:remaining~bf16",
         "T:2@0",
     ]
+    assert [row[1] for row in rows] == ["fp32"] * 5 + ["bf16", "fp32"]  # precision
     # margin: conf/augment.yaml's eighth of the 32 px model unless @M
-    assert [row[1] for row in rows] == ["4", "4", "4", "4", "4", "0"]
-    assert [float(row[3]) for row in rows] == [8, 8, 4, 2, 2, 2]  # network calls per sample
-    assert rows[1][2] == "1" and all(float(row[4]) > 0 for row in rows)  # T:all/1: batch 1
+    assert [row[2] for row in rows] == ["4", "4", "4", "4", "4", "4", "0"]
+    assert [float(row[4]) for row in rows] == [8, 8, 4, 2, 2, 2, 2]  # network calls per sample
+    assert rows[1][3] == "1" and all(float(row[5]) > 0 for row in rows)  # T:all/1: batch 1
     # the first row is the baseline: no distance to itself, and within its own spread
-    assert rows[0][10] == "0.00 ± 0.00" and rows[0][11] == "yes"
+    assert rows[0][11] == "0.00 ± 0.00" and rows[0][12] == "yes"
     assert [row[0] for row in _table_rows(per_slice)] == [r[0].split(" **")[0] for r in rows]
     assert sum("(pick)" in row[0] for row in rows) == 1
     data = json.loads(output.with_suffix(".json").read_text())

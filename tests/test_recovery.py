@@ -1,5 +1,7 @@
 """The recovery chain (drdm.generation.chain): full and few-step chains, and DRDM's options."""
 
+import re
+
 import pytest
 import torch
 
@@ -67,6 +69,53 @@ def test_k_rec_powers_are_the_blocks_recovery_over_the_calls():
         step_plan(torch.tensor([79]), 10, "k_rec")
 
 
+def test_uncorrelated_powers_add_the_blocks_steps_in_quadrature():
+    schedule = RandomDeformation(ndims=2)
+    values = schedule.recovery_steps(torch.arange(80)).double()
+    starts = block_starts(79, 10)
+    uncorrelated = step_plan(torch.tensor([79]), 10, "uncorrelated", schedule).power[:, 0]
+    k_rec = step_plan(torch.tensor([79]), 10, "k_rec", schedule).power[:, 0]
+    for call, (start, end) in enumerate(zip(starts, [*starts[1:], -1])):
+        block = values[end + 1 : start + 1]
+        expected = float(block.square().sum().sqrt() / values[start])
+        assert uncorrelated[call].item() == pytest.approx(expected)
+    # more than applying each call once, less than adding the steps in one direction
+    assert bool((uncorrelated[:-1] > 1).all()) and bool((uncorrelated <= k_rec + 1e-6).all())
+
+
+class AutocastProbe(torch.nn.Module):
+    """Wraps a network and records whether each call ran under CPU bf16 autocast."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.timesteps, self.calls = net, net.timesteps, []
+
+    def forward(self, image, t):
+        self.calls.append(
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        )
+        return self.net(image, t)
+
+
+def test_bf16_precision_autocasts_the_network_only_and_stays_close_to_fp32():
+    torch.manual_seed(0)
+    net = AutocastProbe(RecResACNet(ndims=2, timesteps=8).eval())
+    deformation = RandomDeformation(ndims=2, timesteps=8, control_size=16, levels=2)
+    image = torch.rand(*SHAPE)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        net.calls.clear()
+        drdm = DRDM(net, deformation, SHAPE, precision=precision, t0_start=6, margin=0)
+        runs[precision] = drdm.generate(image, num_samples=2, seed=3)
+        assert net.calls and all(net.calls) == (precision == "bf16"), precision
+        assert runs[precision].displacement.dtype == torch.float32
+    fp32, bf16 = runs["fp32"].displacement, runs["bf16"].displacement
+    assert not torch.equal(fp32, bf16)
+    assert (bf16 - fp32).norm() < 0.1 * fp32.norm()  # bf16 rounding, not another field
+    with pytest.raises(ValueError, match=re.escape("precision must be one of fp32 | bf16")):
+        DRDM(net, deformation, SHAPE, precision="fp16")
+
+
 @pytest.mark.parametrize(
     "options, match",
     [
@@ -98,7 +147,7 @@ def test_displacement_power_integer_parts_compose_and_fractions_are_continuous()
     assert torch.allclose(half, 0.5 * field[:1])
 
 
-@pytest.mark.parametrize("rule", ["repeat", "k_rec", "remaining"])
+@pytest.mark.parametrize("rule", ["repeat", "k_rec", "remaining", "uncorrelated"])
 def test_one_call_per_step_is_the_full_chain_bit_for_bit(rule):
     torch.manual_seed(0)
     net = RecResACNet(ndims=2, timesteps=8).eval()

@@ -30,7 +30,7 @@ from drdm.generation.chain import check_sampling_steps, minmax_normalise, recove
 from drdm.generation.slices import field_to_volume, to_slices, to_volume
 
 _SEED_MIX = 1_000_003
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16")
 
 
 def reference_2d_schedule() -> dict:
@@ -152,19 +152,6 @@ def resolve_margin(margin: int | float | None, image_size: Sequence[int]) -> int
     return int(margin)
 
 
-def _native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 natively (a GPU that supports it; a CPU with oneDNN's
-    AVX512-BF16 / AMX kernels)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:  # torch's own test of the CPU's bf16 kernels (used by its test suite)
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
 def _set_options(options: dict) -> dict:
     """The options a caller actually set (``None`` means "the default")."""
     return {key: value for key, value in options.items() if value is not None}
@@ -191,14 +178,16 @@ class DRDM:
             trained to give over them), ``"remaining"`` (to the share of the deformation left
             that they remove) or ``"uncorrelated"`` (to their size added in quadrature);
             :mod:`drdm.generation.chain`.
-        precision: the network's arithmetic: ``"fp32"``, ``"bf16"`` (autocast around each
-            network call; fields are composed and warped in fp32) or ``"auto"``: bf16 on a GPU
-            with bf16 support and on a CPU with native bf16 (oneDNN: AVX512-BF16 / AMX), fp32
-            otherwise (emulated bf16 is slower than fp32).
+        precision: the network's arithmetic: ``"fp32"`` or ``"bf16"`` (autocast around each
+            network call; fields are composed and warped in fp32). Check a model in
+            ``experiments/benchmarks/generation.py`` (``~bf16`` rows) before using bf16: the
+            authors' checkpoint is not robust to it (its samples deform far more than in
+            fp32, ``experiments/benchmarks/results/generation.md``).
         batch_size: images per network call, or ``"auto"``: as many as fit a pixel budget on
-            the recovery canvas (image plus margin): ``2**19`` pixels on a CPU (5 images at
-            320 x 320; in a one-off timing on a 2-core CPU, more images per call ran past the
-            caches and slowed each image down) and ``2**23`` on a GPU.
+            the recovery canvas (image plus margin): ``2**18`` pixels on a CPU (2 images at
+            320 x 320: on a CPU, large batches of large images run past the caches and slow
+            each image down; the speed part of ``experiments/benchmarks/generation.py`` times
+            the default at other batches) and ``2**23`` on a GPU.
         margin: voxels added around the model-size image (and its field, replicated) during
             recovery, cropped afterwards, so the image border is not an edge of the network's
             input; on the ACDC sample with the authors' checkpoint this takes folding from 2.4 %
@@ -327,18 +316,14 @@ class DRDM:
         """Images per network call (``batch_size``, resolved for ``"auto"``)."""
         if self.batch_size != "auto":
             return self.batch_size
-        budget = 2**23 if self.device.type == "cuda" else 2**19
+        budget = 2**23 if self.device.type == "cuda" else 2**18
         canvas = math.prod(n + 2 * self.margin for n in self.image_size)
         return max(1, budget // canvas)
 
     @property
     def network_dtype(self) -> torch.dtype:
-        """The dtype of the network's arithmetic (``precision``, resolved for ``"auto"``)."""
-        if self.precision == "fp32":
-            return torch.float32
-        if self.precision == "bf16" or _native_bf16(self.device):
-            return torch.bfloat16
-        return torch.float32
+        """The dtype of the network's arithmetic (``precision``)."""
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     def _network(self):
         """``net(image, t)``, under bf16 autocast where :attr:`network_dtype` says so."""
