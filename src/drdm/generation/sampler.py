@@ -184,10 +184,10 @@ class DRDM:
             authors' checkpoint is not robust to it (its samples deform far more than in
             fp32, ``experiments/benchmarks/results/generation.md``).
         batch_size: images per network call, or ``"auto"``: as many as fit a pixel budget on
-            the recovery canvas (image plus margin): ``2**18`` pixels on a CPU (2 images at
-            320 x 320: on a CPU, large batches of large images run past the caches and slow
-            each image down; the speed part of ``experiments/benchmarks/generation.py`` times
-            the default at other batches) and ``2**23`` on a GPU.
+            the recovery canvas (image plus margin): ``2**17`` pixels on a CPU (one image at
+            288 x 288, 20 at 80 x 80: on a CPU, batches of large images run past the caches and
+            slow each image down; the speed part of ``experiments/benchmarks/generation.py``
+            times the default at another batch) and ``2**23`` on a GPU.
         margin: voxels added around the model-size image (and its field, replicated) during
             recovery, cropped afterwards, so the image border is not an edge of the network's
             input; on the ACDC sample with the authors' checkpoint this takes folding from 2.4 %
@@ -316,7 +316,7 @@ class DRDM:
         """Images per network call (``batch_size``, resolved for ``"auto"``)."""
         if self.batch_size != "auto":
             return self.batch_size
-        budget = 2**23 if self.device.type == "cuda" else 2**18
+        budget = 2**23 if self.device.type == "cuda" else 2**17
         canvas = math.prod(n + 2 * self.margin for n in self.image_size)
         return max(1, budget // canvas)
 
