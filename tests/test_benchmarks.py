@@ -64,7 +64,9 @@ def test_training_benchmark_quick(benchmarks, tmp_path):
 
 def test_generation_benchmark_quick(benchmarks, tmp_path):
     output = tmp_path / "generation.md"
-    benchmarks("generation").main(["--quick", "--output", str(output)])
+    benchmarks("generation").main(
+        ["--quick", "--speed-also", "T:5:once@16", "--output", str(output)]
+    )
     report = output.read_text()
     schedules, speed = report.split("## Speed of the shipped default")
     schedules, per_slice = schedules.split("Per slice")

@@ -33,7 +33,8 @@ Usage::
 
     python experiments/benchmarks/generation.py [--part all|schedules|speed] [--threads N]
         [--slices 2,5,8] [--samples 16] [--schedules T:all,T:8:once@16,...]
-        [--speed-samples 8] [--speed-also T:5:once@16,...] [--figure-samples 4]
+        [--speed-samples 8] [--speed-also T:7:once@16,...] [--figure-samples 4]
+        [--figure-also T:7:once@16,...]
         [--device cpu|cuda] [--quick] [--report-only]
 """
 
@@ -280,7 +281,7 @@ def run_schedules(args) -> tuple[dict, dict]:
 
 def figure_samples(args, record: dict) -> dict:
     """The figure's samples: ``--figure-slice`` generated with the first row's settings (the
-    80-step chain), the pick's and each ``--speed-also`` schedule's, same seeds (the table's
+    80-step chain), the pick's and each ``--figure-also`` schedule's, same seeds (the table's
     run batched other companions with them, so these match it up to float rounding)."""
     drdm = load_model(args.checkpoint, args.schedule).to(args.device)
     image, label, _ = load_slices(args.volume, [args.figure_slice])
@@ -288,7 +289,7 @@ def figure_samples(args, record: dict) -> dict:
     entries = [(record["rows"][0]["name"], record["rows"][0])]
     if chosen is not None:
         entries.append((f"{chosen['name']} (pick)", chosen))
-    for spec in args.speed_also:  # the faster option, for the eye
+    for spec in args.figure_also:  # other options, for the eye
         row = parse_schedule(spec)
         if row["margin"] is None:
             row["margin"] = resolve_margin(None, drdm.image_size)
@@ -688,8 +689,11 @@ def main(argv: list[str] | None = None) -> None:
         "--speed-repeats", type=int, default=3, help="timings per configuration, alternated"
     )
     parser.add_argument(
-        "--speed-also", default="T:5:once@16", help="schedules timed beside the default"
+        "--speed-also",
+        default="T:7:once@16,T:8:once@32/3,t0:20:remaining@32",
+        help="schedules timed beside the default",
     )
+    parser.add_argument("--figure-also", default="", help="schedules drawn beside the pick")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--output", type=Path, default=None, help="the .md; .json beside it")
     parser.add_argument("--report-only", action="store_true", help="rebuild from the JSON")
@@ -702,7 +706,8 @@ def main(argv: list[str] | None = None) -> None:
         args.figure_slice = args.slices[len(args.slices) // 2]
     quick_schedules = "T:all,T:all/1,T:4,T:2:repeat,t0:2:remaining,t0:2:remaining~bf16,T:2@0"
     args.speed_also = [spec for spec in args.speed_also.split(",") if spec]
-    for spec in args.speed_also:
+    args.figure_also = [spec for spec in args.figure_also.split(",") if spec]
+    for spec in args.speed_also + args.figure_also:
         parse_schedule(spec)
     specs = args.schedules or (quick_schedules if args.quick else DEFAULT_SCHEDULES)
     args.schedules = specs.split(",")
