@@ -313,7 +313,7 @@ def run_speed(args) -> dict:
     image = load_slices(args.volume, args.slices)[0][0, 0].to(args.device)
     n = args.speed_samples
     rows = []
-    reference.precision = "fp32"  # their code: fp32 (channels-last convolutions, as ours)
+    reference.batch_size = 1  # their code: one sample at a time, fp32 (channels-last, as ours)
     configs = [("authors' procedure", reference, True), ("shipped default", ours, False)]
     for spec in args.speed_also:  # other schedules on the same network, for comparison
         other = load_model(args.checkpoint, args.schedule).to(args.device)
@@ -330,8 +330,6 @@ def run_speed(args) -> dict:
     outputs = {}
     for repeat in range(args.speed_repeats):
         for name, model, one_at_a_time in configs:
-            if one_at_a_time:
-                model.batch_size = 1
             calls = [[k] for k in range(n)] if one_at_a_time else [list(range(n))]
 
             def generate(model=model, calls=calls):
@@ -403,20 +401,23 @@ def within_spread(row: dict, baseline: dict) -> bool:
 PER_IMAGE_FIGURES = ("mean_displacement", "dice", "ncc")
 
 
+def per_slice(values: list[float], per_input: int) -> list[tuple[float, float]]:
+    """Mean and std of each slice's samples (``values`` slice-major, ``per_input`` per slice)."""
+    return [summarise(values[i : i + per_input]) for i in range(0, len(values), per_input)]
+
+
 def within_spread_per_image(row: dict, baseline: dict, per_input: int) -> bool:
     """On every slice: folding < 1 % and the means of mean displacement, Dice and NCC within
     the baseline's mean +- one std over that slice's samples."""
-    folding = row["samples"]["folding"]
-    for start in range(0, len(folding), per_input):
-        if summarise(folding[start : start + per_input])[0] >= 0.01:
-            return False
+    if any(mean >= 0.01 for mean, _ in per_slice(row["samples"]["folding"], per_input)):
+        return False
     for key in PER_IMAGE_FIGURES:
-        values, reference = row["samples"][key], baseline["samples"][key]
-        for start in range(0, len(values), per_input):
-            mean, _ = summarise(values[start : start + per_input])
-            centre, spread = summarise(reference[start : start + per_input])
-            if abs(mean - centre) > spread:
-                return False
+        values = per_slice(row["samples"][key], per_input)
+        reference = per_slice(baseline["samples"][key], per_input)
+        if any(
+            abs(mean - centre) > spread for (mean, _), (centre, spread) in zip(values, reference)
+        ):
+            return False
     return True
 
 
@@ -552,16 +553,12 @@ def per_slice_lines(record: dict) -> list[str]:
     n = record["samples_per_input"]
     slices = record.get("slices") or list(range(len(record["rows"][0]["t0"]) // n))
 
-    def per_slice(values: list[float]) -> list[tuple[float, float]]:
-        groups = [values[i * n : (i + 1) * n] for i in range(len(values) // n)]
-        return [summarise(group) for group in groups]
-
     table = []
     for row in record["rows"]:
         cells = [row["name"]]
         for key in ("dice", "mean_displacement"):
-            cells += [f"{m:.3f} ± {s:.3f}" for m, s in per_slice(row["samples"][key])]
-        cells += [f"{100 * m:.2f} %" for m, _ in per_slice(row["samples"]["folding"])]
+            cells += [f"{m:.3f} ± {s:.3f}" for m, s in per_slice(row["samples"][key], n)]
+        cells += [f"{100 * m:.2f} %" for m, _ in per_slice(row["samples"]["folding"], n)]
         table.append(cells)
     header = ["schedule"]
     header += [f"Dice, slice {z}" for z in slices] + [f"mean disp., slice {z}" for z in slices]
