@@ -187,6 +187,7 @@ def test_augment_cli_writes_geometry_preserving_outputs(checkpoint, inputs, tmp_
         folding = float(folding_ratio(displacement.double()).mean())
         assert float(row["folding_ratio"]) == pytest.approx(folding, abs=1e-3)
         assert folding < 0.01
+        assert 0 <= float(row["repaired_ratio"]) < 0.5  # the fold repair's share of the field
         expected = torch.from_numpy(sample.get_fdata().astype(np.float32))
         torch.testing.assert_close(rewarped, expected, atol=2e-3 * float(original.max()), rtol=0)
         assert float(row["max_displacement_mm"]) > 0
@@ -315,3 +316,27 @@ def test_reference_checkpoint_generates_unfolded_acdc_samples(reference_dir):
     assert (out.label > 0).sum() > 0.5 * (label > 0).sum()  # the heart is still there
     rewarped = warp(image[None, None], out.displacement, "bicubic")
     torch.testing.assert_close(rewarped, out.image)
+
+
+def test_the_shipped_few_step_default_repairs_the_border_folds_of_the_reference(reference_dir):
+    """conf/augment.yaml's generation_defaults on the authors' checkpoint (8 calls, no margin,
+    fold repair): the chain alone folds at the border, the repaired fields do not."""
+    from omegaconf import OmegaConf
+
+    from drdm.utils.instantiate import config_dir
+
+    defaults = OmegaConf.to_container(OmegaConf.load(config_dir() / "augment.yaml"))
+    defaults = defaults["generation_defaults"]
+    assert defaults["margin"] == 0 and defaults["fold_repair"] is True
+    volume = nib.load(reference_dir / "acdc_patient001_frame01.nii.gz").get_fdata()
+    image = torch.from_numpy(volume[:, :, 5].astype(np.float32))
+    checkpoint = reference_dir / "cmr_recresacnet_reference.pth"
+    runs = {}
+    for repair in (False, True):
+        drdm = DRDM.load(checkpoint, fallback=defaults, fold_repair=repair)
+        runs[repair] = drdm.generate(image, num_samples=1, seed=0)
+    assert float(runs[False].folding_ratio) > 0.01
+    assert float(runs[True].folding_ratio) == 0
+    assert 0 < float(runs[True].repaired_ratio) < 0.3
+    rewarped = warp(image[None, None], runs[True].displacement, "bicubic")
+    torch.testing.assert_close(rewarped, runs[True].image)

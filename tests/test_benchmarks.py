@@ -21,6 +21,14 @@ def benchmarks(monkeypatch):
     return lambda name: importlib.import_module(name)
 
 
+def augment_config() -> dict:
+    """``conf/augment.yaml`` as plain data."""
+    from omegaconf import OmegaConf
+
+    path = BENCHMARKS.parents[1] / "conf" / "augment.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
 def _table_rows(report: str) -> list[list[str]]:
     rows = [line for line in report.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
@@ -72,21 +80,23 @@ def test_generation_benchmark_quick(benchmarks, tmp_path):
     schedules, per_slice = schedules.split("Per slice")
     rows = _table_rows(schedules)
     assert [row[0].split(" **")[0] for row in rows] == [
-        "T:all",
-        "T:all/1",
+        "T:all@4-repair",
+        "T:all@4/1-repair",
         "T:4",
         "T:2:repeat",
         "t0:2:remaining",
         "t0:2:remaining~bf16",
-        "T:2@0",
+        "T:2@0-repair",
     ]
     assert [row[1] for row in rows] == ["fp32"] * 5 + ["bf16", "fp32"]  # precision
-    # margin: conf/augment.yaml's eighth of the 32 px model unless @M
-    assert [row[2] for row in rows] == ["4", "4", "4", "4", "4", "4", "0"]
-    assert [float(row[4]) for row in rows] == [8, 8, 4, 2, 2, 2, 2]  # network calls per sample
-    assert rows[1][3] == "1" and all(float(row[5]) > 0 for row in rows)  # T:all/1: batch 1
+    # margin and fold repair: conf/augment.yaml's (no margin, repair on) unless @M / -repair
+    assert [row[2] for row in rows] == ["4", "4", "0", "0", "0", "0", "0"]
+    assert [row[3] for row in rows] == ["no", "no", "yes", "yes", "yes", "yes", "no"]
+    assert [float(row[5]) for row in rows] == [8, 8, 4, 2, 2, 2, 2]  # network calls per sample
+    assert rows[1][4] == "1" and all(float(row[6]) > 0 for row in rows)  # T:all/1: batch 1
+    assert rows[0][8] == "0.00 ± 0.00 %"  # the reference chain is not repaired
     # the first row is the baseline: no distance to itself, and within its own spread
-    assert rows[0][11] == "0.00 ± 0.00" and rows[0][12] == "yes"
+    assert rows[0][13] == "0.00 ± 0.00" and rows[0][14] == "yes"
     assert [row[0] for row in _table_rows(per_slice)] == [r[0].split(" **")[0] for r in rows]
     assert sum("(pick)" in row[0] for row in rows) == 1
     data = json.loads(output.with_suffix(".json").read_text())
@@ -96,12 +106,17 @@ def test_generation_benchmark_quick(benchmarks, tmp_path):
     speed_rows = _table_rows(speed)
     assert [row[0] for row in speed_rows] == [
         "authors' procedure (fp32)",
+        "authors' procedure, channels-last (fp32)",
         "shipped default (fp32)",
         "T:5:once@16 (fp32)",
     ]
-    assert [row[1] for row in speed_rows] == ["1", "2", "2"] and speed_rows[0][6] == "1.00x"
-    assert [row[2] for row in speed_rows] == ["0", "4", "16"]  # margins: shipped 1/8 of 32 px
-    assert [row[3] for row in speed_rows] == ["8", "8", "5"]  # calls: T = 8 in the smoke run
+    assert [row[1] for row in speed_rows] == ["1", "1", "2", "2"] and speed_rows[0][6] == "1.00x"
+    assert speed_rows[1][8] == "1.00x"  # the second ratio is against the channels-last run
+    assert [row[2] for row in speed_rows] == ["0", "0", "0", "16"]  # margins: shipped 0
+    # calls: T = 8 in the smoke run, conf/augment.yaml's sampling_steps for the shipped default
+    shipped_calls = str(min(8, augment_config()["generation_defaults"]["sampling_steps"]))
+    assert [row[3] for row in speed_rows] == ["8", "8", shipped_calls, "5"]
+    assert [row[10] for row in speed_rows] == ["no", "no", "yes", "yes"]  # fold repair
     # --report-only rebuilds the same report from the JSON
     benchmarks("generation").main(["--quick", "--report-only", "--output", str(output)])
     assert output.read_text() == report

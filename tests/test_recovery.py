@@ -224,3 +224,44 @@ def test_generate_with_few_steps_is_deterministic_and_keeps_its_outputs_linked()
     assert not torch.equal(
         drdm.generate(image, num_samples=2, seed=4).displacement, first.displacement
     )
+
+
+class BorderFoldNet(torch.nn.Module):
+    """Predicts a steep bump of displacement at the image's first row, whatever the image: the
+    kind of fold a network makes at an edge of its input."""
+
+    timesteps = 8
+
+    def forward(self, image, t):
+        rows = torch.arange(float(image.shape[2])).view(-1, 1)
+        cols = torch.arange(float(image.shape[3])).view(1, -1)
+        bump = 6.0 * torch.exp(-((rows - 1) ** 2 + (cols - 12) ** 2) / 8.0)
+        field = torch.stack([bump, torch.zeros_like(bump)])[None]
+        return field.expand(image.shape[0], -1, -1, -1)
+
+
+def test_fold_repair_unfolds_the_samples_and_keeps_them_linked_to_their_fields():
+    from drdm.deform import folding_ratio, warp
+
+    deformation = RandomDeformation(ndims=2, timesteps=8, control_size=16, levels=2)
+    image, label = torch.rand(*SHAPE), (torch.rand(*SHAPE) > 0.5).long()
+    runs = {}
+    for repair in (False, True):
+        drdm = DRDM(BorderFoldNet(), deformation, SHAPE, margin=0, sampling_steps=1)
+        drdm.fold_repair = repair
+        runs[repair] = drdm.generate(image, label, num_samples=2, seed=1, t0=4)
+    raw, repaired = runs[False], runs[True]
+    assert (raw.folding_ratio > 0).all() and (raw.repaired_ratio == 0).all()
+    assert (repaired.folding_ratio == 0).all() and (repaired.repaired_ratio > 0).all()
+    assert torch.equal(folding_ratio(repaired.displacement), repaired.folding_ratio)
+    far = slice(12, None)  # the bump is at the first rows: the rest of the field is as recovered
+    assert torch.equal(raw.displacement[..., far, :], repaired.displacement[..., far, :])
+    originals = image[None, None].expand(2, -1, -1, -1)
+    warped = warp(originals, repaired.displacement, mode="bicubic")
+    assert torch.allclose(warped, repaired.image, atol=1e-5)
+    labels = warp(label[None, None].expand(2, -1, -1, -1), repaired.displacement, mode="nearest")
+    assert torch.equal(labels, repaired.label)
+    with pytest.raises(ValueError, match="fold_repair must be true or false"):
+        DRDM(BorderFoldNet(), deformation, SHAPE, fold_repair="yes")
+    with pytest.raises(ValueError, match="dilation must be an int >= 0"):
+        DRDM(BorderFoldNet(), deformation, SHAPE, fold_repair_dilation=-2)

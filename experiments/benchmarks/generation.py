@@ -8,12 +8,14 @@ and ``results/generation_samples.png``:
 
 * **schedules** (``--part schedules``): every slice gets ``--samples`` samples (t0 48, 48, 50, 50,
   ...; same seeds for every row) from each recovery schedule in ``--schedules``. A schedule is
-  ``START:CALLS[:RULE][@MARGIN][/BATCH][~PRECISION]``: the chain from ``T`` (step T-1, the
-  reference) or ``t0`` (t0-1), ``CALLS`` network calls (``all``: one per step), the rule for the
-  skipped steps (``once``, ``repeat``, ``k_rec``, ``remaining`` or ``uncorrelated``,
-  :mod:`drdm.generation.chain`), the margin (default: the model's), images per network call
-  (default: the shipped ``batch_size``) and the network's precision (``fp32`` or ``bf16``).
-  Per row: network calls, samples/s, folding of the final fields (det J <= 0), max / mean
+  ``START:CALLS[:RULE][@MARGIN][/BATCH][~PRECISION][+repair|-repair]``: the chain from ``T``
+  (step T-1, the reference) or ``t0`` (t0-1), ``CALLS`` network calls (``all``: one per step),
+  the rule for the skipped steps (``once``, ``repeat``, ``k_rec``, ``remaining`` or
+  ``uncorrelated``, :mod:`drdm.generation.chain`), the margin, images per network call (default:
+  the shipped ``batch_size``), the network's precision (``fp32`` or ``bf16``) and whether the
+  final fields are smoothed where they fold (``fold_repair``); margin, precision and repair
+  default to the shipped model's. Per row: network calls, samples/s, folding of the final
+  fields (det J <= 0), the share of each field the repair changed, max / mean
   displacement as a fraction of the image, label Dice and image NCC of each sample against the
   original, and the distance of each final field to the same sample's field from the first
   schedule (the 80-step chain). The report picks the cheapest configuration (network calls x
@@ -22,9 +24,11 @@ and ``results/generation_samples.png``:
   ``results/generation_samples.png`` shows ``--figure-samples`` samples of ``--figure-slice``
   with the first row's settings and the pick's (``--part figure`` redraws it from the JSON).
 * **speed** (``--part speed``): ``--speed-samples`` samples of one slice, the authors' procedure
-  (one sample at a time, 80 calls from T-1, their forward fields, no margin) against the shipped
-  default (``DRDM.load`` with ``conf/augment.yaml``'s ``generation`` options, its
-  ``batch_size``) and each ``--speed-also`` schedule; samples/s and the ratio, same run.
+  (one sample at a time, 80 calls from T-1, their forward fields, no margin, the network in
+  PyTorch's default NCHW layout as their code runs it; and the same on drdm's channels-last
+  network) against the shipped default (``DRDM.load`` with ``conf/augment.yaml``'s
+  ``generation`` options, its ``batch_size``) and each ``--speed-also`` schedule; samples/s and
+  the ratios to both baselines, same run.
 
 ``--part`` re-runs one part and keeps the others' numbers from the JSON (``--report-only``:
 rebuild the report). ``--quick``: a random network, T = 8, 32 px (smoke runs).
@@ -32,15 +36,16 @@ rebuild the report). ``--quick``: a random network, T = 8, 32 px (smoke runs).
 Usage::
 
     python experiments/benchmarks/generation.py [--part all|schedules|speed] [--threads N]
-        [--slices 2,5,8] [--samples 16] [--schedules T:all,T:8:once@16,...]
-        [--speed-samples 8] [--speed-also T:7:once@16,...] [--figure-samples 4]
-        [--figure-also T:7:once@16,...]
+        [--slices 2,5,8] [--samples 16] [--schedules T:all@32-repair,T:8:once@0+repair,...]
+        [--speed-samples 8] [--speed-also T:7:once@0+repair,...] [--figure-samples 4]
+        [--figure-also T:7:once@0+repair,...]
         [--device cpu|cuda] [--quick] [--report-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -63,7 +68,6 @@ from benchmark_utils import (
 from drdm.deform import RandomDeformation
 from drdm.generation import DRDM
 from drdm.generation.chain import block_starts, start_steps
-from drdm.generation.sampler import resolve_margin
 from drdm.nets import RecResACNet
 from drdm.utils.atomic import write_text_atomic
 
@@ -74,12 +78,15 @@ DEFAULT_CHECKPOINT = REFERENCE_DIR / "cmr_recresacnet_reference.pth"
 DEFAULT_VOLUME = REFERENCE_DIR / "acdc_patient001_frame01.nii.gz"
 DEFAULT_SCHEDULES = ",".join(
     [
-        "T:all",
-        "t0:20:remaining",
-        *("T:8:once", "T:6:once", "T:8:uncorrelated", "t0:8:uncorrelated"),
-        *(f"T:{calls}:once@{margin}" for calls, margin in ((8, 16), (7, 16), (6, 16), (8, 8))),
-        "T:8:once@0",
-        "T:8:once~bf16",
+        "T:all@32-repair",
+        "t0:20:remaining@32-repair",
+        "T:8:once@32-repair",
+        "T:7:once@16-repair",
+        "T:8:once@0-repair",
+        *(f"T:{calls}:once@0+repair" for calls in (8, 7, 6)),
+        "T:8:uncorrelated@0+repair",
+        "T:8:once@16+repair",
+        "T:8:once@0~bf16+repair",
     ]
 )
 METRICS = ("folding", "max_displacement", "mean_displacement", "dice", "ncc", "field_distance")
@@ -138,16 +145,20 @@ def load_slices(volume: str, slices: list[int]) -> tuple[torch.Tensor, torch.Ten
 
 
 def parse_schedule(spec: str) -> dict:
-    """``START:CALLS[:RULE][@MARGIN][/BATCH][~PRECISION]`` -> a row's settings (``None``: the
-    model's)."""
-    rest, _, precision = spec.partition("~")
+    """``START:CALLS[:RULE][@MARGIN][/BATCH][~PRECISION][+repair|-repair]`` -> a row's settings
+    (``None``: the model's)."""
+    rest, repair = spec, None
+    for flag, value in (("+repair", True), ("-repair", False)):
+        if flag in rest:  # anywhere: "@0+repair/1" and "@0/1+repair" read the same
+            rest, repair = rest.replace(flag, "", 1), value
+    rest, _, precision = rest.partition("~")
     rest, _, batch = rest.partition("/")
     rest, _, margin = rest.partition("@")
     parts = rest.split(":")
     if len(parts) not in (2, 3) or parts[0] not in ("T", "t0"):
         raise ValueError(
-            f"schedule {spec!r}: expected START:CALLS[:RULE][@MARGIN][/BATCH][~PRECISION], "
-            "START T or t0"
+            f"schedule {spec!r}: expected START:CALLS[:RULE][@MARGIN][/BATCH][~PRECISION]"
+            "[+repair|-repair], START T or t0"
         )
     return dict(
         name=spec,
@@ -158,6 +169,7 @@ def parse_schedule(spec: str) -> dict:
         margin=int(margin) if margin else None,
         batch=int(batch) if batch else None,
         precision=precision or None,
+        fold_repair=repair,
     )
 
 
@@ -189,6 +201,7 @@ def sample_metrics(out, images, labels, reference_field) -> dict[str, list[float
     fraction = (out.displacement / size).square().sum(1).sqrt().flatten(1)
     metrics = {
         "folding": out.folding_ratio,
+        "repaired": out.repaired_ratio,
         "max_displacement": fraction.max(1).values,
         "mean_displacement": fraction.mean(1),
         "dice": dice(out.label, labels.repeat_interleave(per_input, 0)),
@@ -215,7 +228,9 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------- parts
-SETTINGS = ("start_step", "sampling_steps", "skipped_steps", "margin", "precision")
+SETTINGS = ("start_step", "sampling_steps", "skipped_steps", "margin", "precision", "fold_repair")
+# settings a schedule may leave unset: the shipped model's
+SHIPPED_SETTINGS = ("margin", "precision", "fold_repair")
 
 
 def configure(drdm: DRDM, row: dict) -> DRDM:
@@ -237,10 +252,11 @@ def run_schedules(args) -> tuple[dict, dict]:
         skipped_steps=drdm.skipped_steps,
         margin=drdm.margin,
         precision=drdm.precision,
+        fold_repair=drdm.fold_repair,
     )
     rows = [parse_schedule(spec) for spec in args.schedules]
     for row in rows:
-        for key in ("margin", "precision"):
+        for key in SHIPPED_SETTINGS:
             row[key] = default[key] if row[key] is None else row[key]
         row["shipped_batch"] = shipped_batch
     # a first call pays for lazy initialisation
@@ -291,9 +307,8 @@ def figure_samples(args, record: dict) -> dict:
         entries.append((f"{chosen['name']} (pick)", chosen))
     for spec in args.figure_also:  # other options, for the eye
         row = parse_schedule(spec)
-        if row["margin"] is None:
-            row["margin"] = resolve_margin(None, drdm.image_size)
-        row["precision"] = row["precision"] or drdm.precision
+        for key in SHIPPED_SETTINGS:
+            row[key] = getattr(drdm, key) if row[key] is None else row[key]
         entries.append((spec, row))
     shown = {}
     for name, row in entries:
@@ -309,16 +324,25 @@ def run_speed(args) -> dict:
     authors_fields = RandomDeformation(
         ndims=2, integrator="reference", **{"timesteps": ours.timesteps, **args.schedule}
     )
-    reference = DRDM(ours.net, authors_fields, ours.image_size, margin=0).to(args.device)
+    # their code: one sample at a time, fp32, the network in PyTorch's default (NCHW) layout;
+    # the same procedure on the channels-last network drdm runs shows what the layout alone buys
+    reference = DRDM(copy.deepcopy(ours.net), authors_fields, ours.image_size, margin=0)
+    reference.memory_format = torch.contiguous_format
+    reference.net.to(memory_format=torch.contiguous_format)
+    channels_last = DRDM(ours.net, authors_fields, ours.image_size, margin=0)
     image = load_slices(args.volume, args.slices)[0][0, 0].to(args.device)
     n = args.speed_samples
     rows = []
-    reference.batch_size = 1  # their code: one sample at a time, fp32 (channels-last, as ours)
-    configs = [("authors' procedure", reference, True), ("shipped default", ours, False)]
+    configs = [("authors' procedure", reference, True)]
+    configs.append(("authors' procedure, channels-last", channels_last, True))
+    for model in (reference, channels_last):
+        model.batch_size = 1
+        model.to(args.device)
+    configs.append(("shipped default", ours, False))
     for spec in args.speed_also:  # other schedules on the same network, for comparison
         other = load_model(args.checkpoint, args.schedule).to(args.device)
         row = parse_schedule(spec)
-        for key in ("margin", "precision"):
+        for key in SHIPPED_SETTINGS:
             row[key] = getattr(other, key) if row[key] is None else row[key]
         configure(other, {**row, "shipped_batch": other.batch_size})
         configs.append((spec, other, False))
@@ -341,10 +365,12 @@ def run_speed(args) -> dict:
             seconds[name].append(elapsed)
             print(f"repeat {repeat}: {name:<20} {n / elapsed:.3f} samples/s", flush=True)
     baseline = seconds[configs[0][0]]
+    baseline_channels_last = seconds[configs[1][0]]
     for name, model, _ in configs:
         folding = torch.cat([out.folding_ratio for out in outputs[name]]).float().mean()
         t0 = [int(t) for out in outputs[name] for t in out.t0]
         ratios = [b / s for b, s in zip(baseline, seconds[name])]
+        ratios_channels_last = [b / s for b, s in zip(baseline_channels_last, seconds[name])]
         rows.append(
             dict(
                 name=name,
@@ -358,6 +384,9 @@ def run_speed(args) -> dict:
                 folding=float(folding),
                 speedup=statistics.median(ratios),
                 speedup_range=[min(ratios), max(ratios)],
+                speedup_channels_last=statistics.median(ratios_channels_last),
+                speedup_channels_last_range=[min(ratios_channels_last), max(ratios_channels_last)],
+                fold_repair=model.fold_repair,
             )
         )
         row = rows[-1]
@@ -371,7 +400,8 @@ def run_speed(args) -> dict:
     steps = ours.sampling_steps or "all"
     settings = (
         f"chain from `{ours.start_step}`, {steps} calls, `{ours.skipped_steps}`, "
-        f"margin {ours.margin}, precision `{ours.precision}`"
+        f"margin {ours.margin}, precision `{ours.precision}`, fold repair "
+        f"{'on' if ours.fold_repair else 'off'}"
     )
     return dict(
         samples=n,
@@ -448,7 +478,8 @@ def pick(record: dict) -> dict | None:
     if chosen is None:
         return None
     for row in passing:
-        same = all(row[key] == chosen[key] for key in ("schedule", "margin", "start_step"))
+        keys = ("schedule", "margin", "start_step", "fold_repair")
+        same = all(row.get(key) == chosen.get(key) for key in keys)
         if same and row.get("precision") == "bf16":
             return row
     return chosen
@@ -472,10 +503,12 @@ def schedule_lines(record: dict) -> list[str]:
                 row["name"] + mark,
                 row.get("precision", "fp32"),
                 str(row["margin"]),
+                "yes" if row.get("fold_repair") else "no",
                 str(row["images_per_call"]),
                 f"{row['calls']:.1f}",
                 f"{row['samples_per_s']:.3f}",
                 _cell(samples["folding"], 100, 3) + " %",
+                _cell(samples.get("repaired", [0.0] * len(samples["folding"])), 100, 2) + " %",
                 _cell(samples["max_displacement"]),
                 _cell(samples["mean_displacement"]),
                 _cell(samples["dice"]),
@@ -498,8 +531,11 @@ def schedule_lines(record: dict) -> list[str]:
         "network calls per sample (`all`: one per step), and how a call's prediction stands in "
         "for the steps it skips (`repeat`: applied once per skipped step; `k_rec`: rescaled to the "
         "recovery the network is trained to give over them; `drdm.generation.chain`). *margin*: "
-        "voxels of reflected image around the network's input. Figures are mean ± std over the "
-        "samples: *folding*, fraction of the final field's pixels with det J <= 0; *max / mean "
+        "voxels of reflected image around the network's input; *repair*: the final fields "
+        "smoothed where they fold (`+repair`, `fold_repair` of `DRDM`, "
+        "`drdm.deform.repair_folding`; `-repair`: not). Figures are mean ± std over the "
+        "samples: *folding*, fraction of the final field's pixels with det J <= 0 (after the "
+        "repair); *repaired*, fraction of the field's pixels the repair changed; *max / mean "
         "disp.*, displacement as a fraction of the image (per axis, then the length); *Dice*, "
         "mean over the labels (RV, myocardium, LV) of the warped label against the original; "
         "*NCC*, of the sample against the original image; *to 80-step*, mean distance (pixels) "
@@ -510,7 +546,8 @@ def schedule_lines(record: dict) -> list[str]:
         "every slice, folding < 1 % and the means of mean displacement, Dice and NCC within "
         "the first row's mean ± one std over that slice's samples. *(pick)*: the "
         "cheapest fp32 row within it per image (network calls x canvas pixels; rows of equal "
-        "cost differ only by timing noise), or that schedule's bf16 row if it is within it too. "
+        "cost differ only by timing noise; the fold repair's blurs are not counted, the speed "
+        "table times them), or that schedule's bf16 row if it is within it too. "
         f"The per-image test compares the mean of {n} samples with the 80-step chain's mean of "
         f"{n}: with few samples per slice (4), a schedule with the 80-step chain's "
         "distribution fails it often by chance. `~bf16`: the network under bf16 autocast "
@@ -520,17 +557,20 @@ def schedule_lines(record: dict) -> list[str]:
         "is the chain's own sensitivity. The shipped default when this table was made "
         f"(`conf/augment.yaml`): chain from `{default['start_step']}`, {steps} calls, "
         f"`{default['skipped_steps']}`, margin {default['margin']}, precision "
-        f"`{default.get('precision', 'fp32')}`.",
+        f"`{default.get('precision', 'fp32')}`, fold repair "
+        f"{'on' if default.get('fold_repair') else 'off'}.",
         "",
         *markdown_table(
             [
                 "schedule",
                 "precision",
                 "margin",
+                "repair",
                 "batch",
                 "calls",
                 "samples/s",
                 "folding",
+                "repaired",
                 "max disp.",
                 "mean disp.",
                 "Dice",
@@ -540,7 +580,7 @@ def schedule_lines(record: dict) -> list[str]:
                 "per image",
             ],
             table,
-            "llrrrrrrrrrrll",
+            "llrlrrrrrrrrrrll",
         ),
         "",
         *per_slice_lines(record),
@@ -584,6 +624,9 @@ def speed_lines(record: dict) -> list[str]:
             f"{row['seconds'] / record['samples']:.2f}",
             f"{row['speedup']:.2f}x",
             "–".join(f"{r:.2f}x" for r in row.get("speedup_range", [row["speedup"]] * 2)),
+            f"{row['speedup_channels_last']:.2f}x" if "speedup_channels_last" in row else "",
+            "–".join(f"{r:.2f}x" for r in row.get("speedup_channels_last_range", [])),
+            "yes" if row.get("fold_repair") else "no",
             f"{100 * row['folding']:.3f} %",
         ]
         for row in record["rows"]
@@ -601,7 +644,11 @@ def speed_lines(record: dict) -> list[str]:
         f"settings otherwise. Each configuration was timed {record.get('repeats', 1)} times, "
         "the configurations alternating; *samples/s*: from the median time; *speed-up*: the "
         "median over repeats of samples/s over the authors' procedure's in the same repeat "
-        "(*range*: the smallest and largest).",
+        "(*range*: the smallest and largest). The authors' procedure runs the network as their "
+        "code does, in PyTorch's default memory layout (NCHW); *vs channels-last*: the same "
+        "ratio against their procedure on drdm's channels-last network (the layout every drdm "
+        "row uses), i.e. the speed-up without the layout's share. *folding*: after the fold "
+        "repair where *repair* is on.",
         "",
         *markdown_table(
             [
@@ -613,6 +660,9 @@ def speed_lines(record: dict) -> list[str]:
                 "s/sample",
                 "speed-up",
                 "range",
+                "vs channels-last",
+                "range ",
+                "repair",
                 "folding",
             ],
             table,
@@ -687,7 +737,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--speed-also",
-        default="T:7:once@16,T:8:once@32/3,t0:20:remaining@32",
+        default="T:8:once@0+repair,T:8:once@32-repair,T:7:once@0+repair/2",
         help="schedules timed beside the default",
     )
     parser.add_argument("--figure-also", default="", help="schedules drawn beside the pick")
@@ -701,7 +751,10 @@ def main(argv: list[str] | None = None) -> None:
     args.slices = [int(z) for z in args.slices.split(",")]
     if args.figure_slice is None:
         args.figure_slice = args.slices[len(args.slices) // 2]
-    quick_schedules = "T:all,T:all/1,T:4,T:2:repeat,t0:2:remaining,t0:2:remaining~bf16,T:2@0"
+    quick_schedules = ",".join(
+        ["T:all@4-repair", "T:all@4/1-repair", "T:4", "T:2:repeat", "t0:2:remaining"]
+        + ["t0:2:remaining~bf16", "T:2@0-repair"]
+    )
     args.speed_also = [spec for spec in args.speed_also.split(",") if spec]
     args.figure_also = [spec for spec in args.figure_also.split(",") if spec]
     for spec in args.speed_also + args.figure_also:

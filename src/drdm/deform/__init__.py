@@ -17,6 +17,7 @@ from drdm.deform.metrics import (
 )
 from drdm.deform.sampling import multiscale_noise, upsample_crop
 from drdm.deform.schedule import power_steps
+from drdm.deform.smoothing import gaussian_smooth, repair_folding
 from drdm.deform.spatial import check_displacement, compose, identity_grid, warp
 from drdm.deform.units import displacement_to_world
 
@@ -27,6 +28,7 @@ __all__ = [
     "displacement_stats",
     "displacement_to_world",
     "folding_ratio",
+    "gaussian_smooth",
     "identity_grid",
     "integrate",
     "integrate_sequential",
@@ -36,6 +38,7 @@ __all__ = [
     "multiscale_noise",
     "power_steps",
     "random_deformation",
+    "repair_folding",
     "sd_log_jacobian",
     "upsample_crop",
     "warp",

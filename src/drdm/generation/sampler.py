@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from drdm.deform.smoothing import check_repair_options, repair_folding
 from drdm.deform.spatial import warp
 from drdm.generation.chain import check_sampling_steps, minmax_normalise, recover, start_steps
 from drdm.generation.slices import field_to_volume, to_slices, to_volume
@@ -75,7 +76,8 @@ class Generated:
     image ``[N, 1, *S]`` (input dtype float), label ``[N, 1, *S]`` int64 or ``None``,
     displacement ``[N, ndims_in, *S]`` voxels of the input grid (``warp(input, displacement)`` is
     the sample), t0 ``[N]`` long, folding_ratio ``[N]`` (fraction of ``det J <= 0``; slice mode:
-    mean over slices), input_index / sample_index ``[N]`` long.
+    mean over slices), repaired_ratio ``[N]`` (fraction of the field's voxels the fold repair
+    changed, 0 without it; slice mode: mean over slices), input_index / sample_index ``[N]`` long.
     """
 
     image: torch.Tensor
@@ -83,6 +85,7 @@ class Generated:
     displacement: torch.Tensor
     t0: torch.Tensor
     folding_ratio: torch.Tensor
+    repaired_ratio: torch.Tensor
     input_index: torch.Tensor
     sample_index: torch.Tensor
 
@@ -184,10 +187,11 @@ class DRDM:
             authors' checkpoint is not robust to it (its samples deform far more than in
             fp32, ``experiments/benchmarks/results/generation.md``).
         batch_size: images per network call, or ``"auto"``: as many as fit a pixel budget on
-            the recovery canvas (image plus margin): ``2**17`` pixels on a CPU (one image at
-            288 x 288, 20 at 80 x 80: on a CPU, batches of large images run past the caches and
-            slow each image down; the speed part of ``experiments/benchmarks/generation.py``
-            times the default at another batch) and ``2**23`` on a GPU.
+            the recovery canvas (image plus margin): ``2**16`` pixels on a CPU (one image at
+            256 x 256, 16 at 64 x 64: on a CPU, batches of large images run past the caches and
+            slow each image down; in the speed part of ``experiments/benchmarks/generation.py``
+            the shipped default ran at 12.7x the authors' procedure with 2 images per call at
+            256 x 256 and 15.3x with 1, medians of 3 repeats) and ``2**23`` on a GPU.
         margin: voxels added around the model-size image (and its field, replicated) during
             recovery, cropped afterwards, so the image border is not an edge of the network's
             input; on the ACDC sample with the authors' checkpoint this takes folding from 2.4 %
@@ -195,6 +199,13 @@ class DRDM:
             the model size; ``None``: an eighth of it (:func:`resolve_margin`).
         margin_padding: how the image is extended into the margin: ``reflect`` (default; zeros,
             ``constant``, show the network a black frame, which it "recovers" by zooming in).
+        fold_repair: smooth each final field where it folds until it no longer does
+            (:func:`drdm.deform.repair_folding`, on the input grid, before the image and label
+            are warped): the border fix at a few blurs of one field instead of a margin's extra
+            pixels in every network call. ``Generated.repaired_ratio`` says how much of each
+            field it changed.
+        fold_repair_sigma, fold_repair_dilation, fold_repair_iterations: its Gaussian (voxels),
+            how far around a fold it smooths (voxels) and its iteration limit.
     """
 
     def __init__(
@@ -213,6 +224,10 @@ class DRDM:
         margin: int | float | None = None,
         margin_padding: str = "reflect",
         precision: str = "fp32",
+        fold_repair: bool = False,
+        fold_repair_sigma: float = 4.0,
+        fold_repair_dilation: int = 4,
+        fold_repair_iterations: int = 50,
     ) -> None:
         self.memory_format = torch.channels_last if len(image_size) == 2 else torch.channels_last_3d
         # channels-last convolutions: about 14 % less time per network call on a CPU (the
@@ -249,6 +264,13 @@ class DRDM:
                 f"precision must be one of {' | '.join(PRECISIONS)}, got {precision!r}"
             )
         self.precision = precision
+        if not isinstance(fold_repair, bool):
+            raise ValueError(f"fold_repair must be true or false, got {fold_repair!r}")
+        check_repair_options(fold_repair_sigma, fold_repair_dilation, fold_repair_iterations)
+        self.fold_repair = fold_repair
+        self.fold_repair_sigma = float(fold_repair_sigma)
+        self.fold_repair_dilation = int(fold_repair_dilation)
+        self.fold_repair_iterations = int(fold_repair_iterations)
         self.device = torch.device("cpu")
 
     # ------------------------------------------------------------------ construction
@@ -316,7 +338,7 @@ class DRDM:
         """Images per network call (``batch_size``, resolved for ``"auto"``)."""
         if self.batch_size != "auto":
             return self.batch_size
-        budget = 2**23 if self.device.type == "cuda" else 2**17
+        budget = 2**23 if self.device.type == "cuda" else 2**16
         canvas = math.prod(n + 2 * self.margin for n in self.image_size)
         return max(1, budget // canvas)
 
@@ -478,10 +500,19 @@ class DRDM:
         from drdm.deform import folding_ratio
 
         native = tuple(batch.shape[2:])
-        images, labels, displacements, foldings = [], [], [], []
+        images, labels, displacements, foldings, repaired = [], [], [], [], []
         for row, (b, _, _) in enumerate(order):
             rows = slice(row * per_input, (row + 1) * per_input)
             field = resize_field(fields[rows], native)
+            changed = torch.zeros(field.shape[0], device=field.device)
+            if self.fold_repair:
+                field, changed = repair_folding(
+                    field,
+                    self.fold_repair_sigma,
+                    self.fold_repair_dilation,
+                    self.fold_repair_iterations,
+                )
+            repaired.append(changed.mean())
             source = batch if slice_mode else batch[b : b + 1]
             warped = warp(source, field, mode=self.interpolation)
             foldings.append(folding_ratio(field).mean())
@@ -505,6 +536,7 @@ class DRDM:
             displacement=torch.cat(displacements),
             t0=torch.tensor([t for _, _, t in order], device=device),
             folding_ratio=torch.stack(foldings),
+            repaired_ratio=torch.stack(repaired),
             input_index=torch.tensor([b for b, _, _ in order], device=device),
             sample_index=torch.tensor([k for _, k, _ in order], device=device),
         )

@@ -40,9 +40,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from drdm.deform import integrate
+from drdm.deform import gaussian_smooth, integrate
 from drdm.synthesis.bspline import MultiResolutionBSpline
 
 
@@ -268,25 +267,6 @@ class BSplineFieldSource(FieldSource):
         return self.spline(
             image.shape[2:], image.shape[0], generator=generator, device=image.device
         )
-
-
-def gaussian_smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur (``sigma`` voxels, border replicate) of ``[B, C, *S]``."""
-    radius = max(1, int(round(3 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, device=field.device, dtype=field.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    ndims = field.ndim - 2
-    channels = field.shape[1]
-    conv = F.conv2d if ndims == 2 else F.conv3d
-    for axis in range(ndims):
-        shape = [1] * ndims
-        shape[axis] = kernel.numel()
-        weight = kernel.view(1, 1, *shape).repeat(channels, 1, *[1] * ndims)
-        padding = [0, 0] * ndims
-        padding[2 * (ndims - 1 - axis)] = padding[2 * (ndims - 1 - axis) + 1] = radius
-        field = conv(F.pad(field, padding, mode="replicate"), weight, groups=channels)
-    return field
 
 
 class SmoothNoiseFieldSource(FieldSource):
