@@ -319,8 +319,8 @@ def test_reference_checkpoint_generates_unfolded_acdc_samples(reference_dir):
 
 
 def test_the_shipped_few_step_default_repairs_the_border_folds_of_the_reference(reference_dir):
-    """conf/augment.yaml's generation_defaults on the authors' checkpoint (8 calls, no margin,
-    fold repair): the chain alone folds at the border, the repaired fields do not."""
+    """conf/augment.yaml's generation_defaults on the authors' checkpoint (a few-step chain, no
+    margin, fold repair): the chain alone folds at the border, the repaired fields do not."""
     from omegaconf import OmegaConf
 
     from drdm.utils.instantiate import config_dir

@@ -21,14 +21,6 @@ def benchmarks(monkeypatch):
     return lambda name: importlib.import_module(name)
 
 
-def augment_config() -> dict:
-    """``conf/augment.yaml`` as plain data."""
-    from omegaconf import OmegaConf
-
-    path = BENCHMARKS.parents[1] / "conf" / "augment.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path))
-
-
 def _table_rows(report: str) -> list[list[str]]:
     rows = [line for line in report.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
@@ -114,7 +106,8 @@ def test_generation_benchmark_quick(benchmarks, tmp_path):
     assert speed_rows[1][8] == "1.00x"  # the second ratio is against the channels-last run
     assert [row[2] for row in speed_rows] == ["0", "0", "0", "16"]  # margins: shipped 0
     # calls: T = 8 in the smoke run, conf/augment.yaml's sampling_steps for the shipped default
-    shipped_calls = str(min(8, augment_config()["generation_defaults"]["sampling_steps"]))
+    fallback = benchmarks("generation").shipped_options()[1]
+    shipped_calls = str(min(8, fallback["sampling_steps"]))
     assert [row[3] for row in speed_rows] == ["8", "8", shipped_calls, "5"]
     assert [row[10] for row in speed_rows] == ["no", "no", "yes", "yes"]  # fold repair
     # --report-only rebuilds the same report from the JSON

@@ -233,6 +233,13 @@ SETTINGS = ("start_step", "sampling_steps", "skipped_steps", "margin", "precisio
 SHIPPED_SETTINGS = ("margin", "precision", "fold_repair")
 
 
+def with_shipped(row: dict, drdm: DRDM) -> dict:
+    """``row`` with the :data:`SHIPPED_SETTINGS` it leaves unset (``None``) taken from ``drdm``."""
+    for key in SHIPPED_SETTINGS:
+        row[key] = getattr(drdm, key) if row[key] is None else row[key]
+    return row
+
+
 def configure(drdm: DRDM, row: dict) -> DRDM:
     for key in SETTINGS:
         setattr(drdm, key, row[key])
@@ -254,10 +261,8 @@ def run_schedules(args) -> tuple[dict, dict]:
         precision=drdm.precision,
         fold_repair=drdm.fold_repair,
     )
-    rows = [parse_schedule(spec) for spec in args.schedules]
+    rows = [with_shipped(parse_schedule(spec), drdm) for spec in args.schedules]
     for row in rows:
-        for key in SHIPPED_SETTINGS:
-            row[key] = default[key] if row[key] is None else row[key]
         row["shipped_batch"] = shipped_batch
     # a first call pays for lazy initialisation
     configure(drdm, rows[0]).generate(images[:1], num_samples=1, seed=99, t0=1)
@@ -306,10 +311,7 @@ def figure_samples(args, record: dict) -> dict:
     if chosen is not None:
         entries.append((f"{chosen['name']} (pick)", chosen))
     for spec in args.figure_also:  # other options, for the eye
-        row = parse_schedule(spec)
-        for key in SHIPPED_SETTINGS:
-            row[key] = getattr(drdm, key) if row[key] is None else row[key]
-        entries.append((spec, row))
+        entries.append((spec, with_shipped(parse_schedule(spec), drdm)))
     shown = {}
     for name, row in entries:
         configure(drdm, {**row, "batch": None, "shipped_batch": "auto"})
@@ -341,9 +343,7 @@ def run_speed(args) -> dict:
     configs.append(("shipped default", ours, False))
     for spec in args.speed_also:  # other schedules on the same network, for comparison
         other = load_model(args.checkpoint, args.schedule).to(args.device)
-        row = parse_schedule(spec)
-        for key in SHIPPED_SETTINGS:
-            row[key] = getattr(other, key) if row[key] is None else row[key]
+        row = with_shipped(parse_schedule(spec), other)
         configure(other, {**row, "shipped_batch": other.batch_size})
         configs.append((spec, other, False))
     for model in {id(c[1]): c[1] for c in configs}.values():  # lazy initialisation, untimed

@@ -79,11 +79,14 @@ def repair_folding(
         ``(repaired [B, ndims, *S], changed [B])``: the field, and the fraction of each sample's
         voxels the repair changed.
     """
-    ndims = check_displacement(displacement)
+    check_displacement(displacement)
     check_repair_options(sigma, dilation, max_iterations)
     repaired = displacement.clone()
-    changed = torch.zeros(displacement.shape[0], dtype=torch.bool, device=displacement.device)
-    changed = changed.view(-1, *([1] * ndims)).expand(-1, *displacement.shape[2:]).clone()
+    changed = torch.zeros(
+        displacement.shape[:1] + displacement.shape[2:],
+        dtype=torch.bool,
+        device=displacement.device,
+    )
     todo = torch.arange(displacement.shape[0], device=displacement.device)
     for _ in range(max_iterations):
         field = repaired[todo]
