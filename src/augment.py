@@ -4,7 +4,9 @@
 
 ``ckpt_path`` is a Lightning ``.ckpt`` or the authors' ``.pth``; ``input`` a NIfTI file or a
 folder of them. Writes ``DIR/{image,label,field}/<stem>_<k>.nii.gz`` with the input's affine and
-``DIR/manifest.csv``; re-running skips finished samples.
+``DIR/manifest.csv`` and ``DIR/run.json``; re-running skips finished samples, and refuses a folder
+holding another run's samples (other seed, checkpoint, settings or input content) unless
+``overwrite=true``.
 """
 
 import os
@@ -19,22 +21,25 @@ os.environ.setdefault("DRDM_ROOT", str(Path(__file__).resolve().parents[1]))
 @hydra.main(version_base="1.3", config_path="../conf", config_name="augment")
 def main(cfg: DictConfig) -> None:
     from drdm.generation.files import augment
+    from drdm.utils.errors import report_user_errors
 
     t0 = cfg.t0
-    summary = augment(
-        ckpt_path=cfg.ckpt_path,
-        input=cfg.input,
-        output_dir=cfg.output_dir,
-        num_samples=int(cfg.num_samples),
-        seed=int(cfg.seed),
-        t0=OmegaConf.to_container(t0) if OmegaConf.is_list(t0) else t0,
-        slice_axis=int(cfg.slice_axis),
-        device=cfg.device,
-        use_ema=bool(cfg.use_ema),
-        progress=bool(cfg.progress),
-        drdm_options=OmegaConf.to_container(cfg.generation, resolve=True),
-        drdm_defaults=OmegaConf.to_container(cfg.generation_defaults, resolve=True),
-    )
+    with report_user_errors("augment.py"):
+        summary = augment(
+            ckpt_path=cfg.ckpt_path,
+            input=cfg.input,
+            output_dir=cfg.output_dir,
+            num_samples=cfg.num_samples,
+            seed=cfg.seed,
+            t0=OmegaConf.to_container(t0) if OmegaConf.is_list(t0) else t0,
+            slice_axis=cfg.slice_axis,
+            device=cfg.device,
+            use_ema=bool(cfg.use_ema),
+            progress=bool(cfg.progress),
+            overwrite=bool(cfg.overwrite),
+            drdm_options=OmegaConf.to_container(cfg.generation, resolve=True),
+            drdm_defaults=OmegaConf.to_container(cfg.generation_defaults, resolve=True),
+        )
     print(
         f"{summary['inputs']} inputs: {summary['generated']} samples generated, "
         f"{summary['skipped']} already done -> {cfg.output_dir}"

@@ -39,8 +39,10 @@ from drdm.deform import warp  # noqa: E402
 from drdm.fields import write_displacement_field  # noqa: E402
 from drdm.metrics.registration import PAIR_METRICS, pair_metrics  # noqa: E402
 from drdm.models.registration import RegistrationModule  # noqa: E402
-from drdm.training import register_resolvers  # noqa: E402
+from drdm.nets.checkpoint import read_lightning_checkpoint  # noqa: E402
+from drdm.training import check_run_config, register_resolvers  # noqa: E402
 from drdm.utils.atomic import write_csv_atomic  # noqa: E402
+from drdm.utils.errors import report_user_errors  # noqa: E402
 from drdm.utils.instantiate import build  # noqa: E402
 from drdm.utils.progress import progress_bar  # noqa: E402
 
@@ -51,10 +53,23 @@ log = logging.getLogger(__name__)
 
 
 def load_registration(checkpoint: str | Path, device: torch.device) -> RegistrationModule:
-    """A trained :class:`RegistrationModule` in eval mode (the field source is not rebuilt)."""
+    """A trained :class:`RegistrationModule` in eval mode (the field source is not rebuilt).
+
+    Raises:
+        FileNotFoundError / ValueError: no file, not a readable checkpoint, or the checkpoint
+            of another model (a DRDM, a segmentation network): the message names the file.
+    """
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"registration checkpoint not found: {path} (set checkpoint=...)")
+    hparams = read_lightning_checkpoint(path).get("hyper_parameters") or {}
+    if "mode" not in hparams or "ncc_window" not in hparams:
+        kind = "a DRDM" if "deformation" in hparams else "not a registration"
+        raise ValueError(
+            f"{path} is {kind} checkpoint: src/eval.py evaluates registration networks "
+            "(trained with experiment=default_registration or another registration experiment); "
+            "a DRDM checkpoint generates samples with src/augment.py ckpt_path=..."
+        )
     # evaluation never makes synthetic pairs: skip building the training field source
     model = RegistrationModule.load_from_checkpoint(path, map_location=device, mode="unsupervised")
     return model.eval().to(device)
@@ -62,7 +77,7 @@ def load_registration(checkpoint: str | Path, device: torch.device) -> Registrat
 
 def training_mode(checkpoint: str | Path) -> str:
     """The ``mode`` a checkpoint was trained with (from its stored hyper-parameters)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = read_lightning_checkpoint(checkpoint)
     return str(state.get("hyper_parameters", {}).get("mode", "unknown"))
 
 
@@ -147,6 +162,7 @@ def _evaluate_batch(cfg, model, mode: str, batch: Mapping, rows: list, output_di
 
 def evaluate(cfg: DictConfig) -> Path:
     """Run the evaluation described by ``cfg`` (see ``conf/eval.yaml``); return ``metrics.csv``."""
+    check_run_config(cfg)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     L.seed_everything(cfg.seed, workers=True)
@@ -184,7 +200,8 @@ def _default_device() -> str:
 
 @hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with report_user_errors("eval.py"):
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

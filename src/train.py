@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 os.environ.setdefault("DRDM_ROOT", str(Path(__file__).resolve().parents[1]))
 
 from drdm.training import optimized_metric, register_resolvers, train  # noqa: E402
+from drdm.utils.errors import report_user_errors  # noqa: E402
 
 # the resolvers conf/hardware uses, before Hydra composes the config
 register_resolvers()
@@ -24,7 +25,8 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Fit; return ``cfg.optimized_metric`` (the value hyper-parameter sweeps optimise)."""
-    return optimized_metric(cfg, train(cfg))
+    with report_user_errors("train.py"):
+        return optimized_metric(cfg, train(cfg))
 
 
 if __name__ == "__main__":

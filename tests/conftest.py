@@ -23,6 +23,14 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 register_resolvers()
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny 2D DRDM (32 x 32, T = 20) trained for two steps, as a Lightning ``.ckpt``."""
+    from helpers.augment_inputs import tiny_drdm_checkpoint
+
+    return tiny_drdm_checkpoint(tmp_path_factory.mktemp("drdm_ckpt"))
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """`../shared/data/drdm_reference` (override with DRDM_REFERENCE_DIR); skips when absent."""

@@ -222,11 +222,20 @@ def test_reference_checkpoint_loads_strictly(reference_dir):
 
 def test_checkpoint_round_trip_infers_a_3d_layout(tmp_path):
     torch.manual_seed(0)
-    net = RecResACNet(ndims=3, in_channels=2, timesteps=12, time_dim=16, channels=(4, 8, 8))
+    # a .pth loads with the authors' bound on the displacement components
+    net = RecResACNet(
+        ndims=3,
+        in_channels=2,
+        timesteps=12,
+        time_dim=16,
+        channels=(4, 8, 8),
+        displacement_limit="component",
+    )
     path = tmp_path / "net3d.pth"
     torch.save(net.state_dict(), path)
     loaded = load_reference_checkpoint(path)
     assert (loaded.ndims, loaded.in_channels, loaded.timesteps) == (3, 2, 12)
+    assert loaded.displacement_limit == "component"
     image = torch.rand(1, 2, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(image, 5), net.eval()(image, 5))

@@ -9,7 +9,8 @@ trainer.accumulate_grad_batches``; ``hardware.lr_scaling`` (``none`` | ``linear`
 scales the configured learning rate by the ratio of that batch to ``hardware.base_batch_size``.
 Under DDP every rank re-seeds its global random state from (seed, rank) when fitting starts
 (:class:`RankSeed`), so random augmentations differ across ranks while the initial weights stay
-identical.
+identical; every rank re-seeds again from (seed, rank, epoch) at each epoch start, which makes
+a resumed run repeat the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from drdm.data.sampling import epoch_seed
+from drdm.nets.checkpoint import read_lightning_checkpoint
 from drdm.utils.instantiate import build
 
 log = logging.getLogger(__name__)
@@ -155,25 +158,37 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed if rank == 0 else (seed * _RANK_SEED_MIX + rank) % (2**32)
 
 
-class RankSeed(L.Callback):
-    """Re-seed python, numpy and torch with ``rank_seed(seed, rank)`` when fitting starts.
+def _seed_globals(value: int) -> None:
+    random.seed(value)
+    # the legacy global state is what numpy-based augmentations draw from
+    np.random.seed(value % 2**32)  # noqa: NPY002
+    torch.manual_seed(value)
 
-    Lightning re-seeds every rank with the same global seed while setting up DDP; this runs
-    after that (and after DDP has broadcast rank 0's weights), so each rank's random
-    augmentations differ and stay reproducible per (seed, rank). One process: no effect.
+
+class RankSeed(L.Callback):
+    """Re-seed python, numpy and torch per rank when fitting starts and at every epoch start.
+
+    Lightning re-seeds every rank with the same global seed while setting up DDP; on fit start
+    this re-seeds with ``rank_seed(seed, rank)`` (after DDP has broadcast rank 0's weights), so
+    each rank's random augmentations differ and stay reproducible per (seed, rank).
+
+    At the start of epoch ``e`` every rank re-seeds from ``(rank_seed(seed, rank), e)``: what
+    the training steps draw from the global state (augmentations) then depends on the epoch
+    alone, not on how the process got there, so a run resumed from an epoch-end checkpoint
+    draws what the uninterrupted run drew (the loader's order is seeded the same way,
+    :mod:`drdm.data.sampling`).
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size == 1:
-            return  # one process: keep the random stream of the global seed untouched
+        if trainer.world_size > 1:
+            _seed_globals(rank_seed(self.seed, trainer.global_rank))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         value = rank_seed(self.seed, trainer.global_rank)
-        random.seed(value)
-        # the legacy global state is what numpy-based augmentations draw from
-        np.random.seed(value)  # noqa: NPY002
-        torch.manual_seed(value)
+        _seed_globals(epoch_seed(value, trainer.current_epoch, 2))
 
 
 def check_launch(trainer: L.Trainer) -> None:
@@ -208,6 +223,51 @@ def instantiate_group(config: DictConfig | None) -> list[Any]:
     return [build(entry) for entry in config.values() if entry and "_target_" in entry]
 
 
+# trainer settings Lightning needs as ints (it asserts, without naming the key, on other types)
+_TRAINER_INTS = (
+    "max_epochs",
+    "min_epochs",
+    "max_steps",
+    "min_steps",
+    "check_val_every_n_epoch",
+    "log_every_n_steps",
+    "accumulate_grad_batches",
+    "num_sanity_val_steps",
+)
+_TRAINER_COUNTS_OR_FRACTIONS = (
+    "limit_train_batches",
+    "limit_val_batches",
+    "limit_test_batches",
+    "val_check_interval",
+)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, values of the wrong type, naming the key.
+
+    Raises:
+        ValueError: ``seed`` / ``torch_threads`` not an int (or null), a ``trainer`` count that
+            is not an int, a batch limit that is neither an int nor a float.
+    """
+    for key in ("seed", "torch_threads"):
+        value = cfg.get(key)
+        if value is not None and not _is_int(value):
+            raise ValueError(f"{key} must be an integer or null, got {value!r}")
+    trainer = cfg.get("trainer") or {}
+    for key in _TRAINER_INTS:
+        value = trainer.get(key)
+        if value is not None and not _is_int(value):
+            raise ValueError(f"trainer.{key} must be an integer or null, got {value!r}")
+    for key in _TRAINER_COUNTS_OR_FRACTIONS:
+        value = trainer.get(key)
+        if value is not None and not (_is_int(value) or isinstance(value, float)):
+            raise ValueError(f"trainer.{key} must be a count (int) or a fraction, got {value!r}")
+
+
 def _resume_path(cfg: DictConfig) -> str | None:
     """``ckpt_path``: a file, ``"last"`` (the run folder's ``checkpoints/last.ckpt``) or null."""
     value = cfg.get("ckpt_path")
@@ -221,6 +281,7 @@ def _resume_path(cfg: DictConfig) -> str | None:
         return None
     if not Path(value).is_file():
         raise FileNotFoundError(f"ckpt_path points to no file: {value}")
+    read_lightning_checkpoint(value)  # a clear error naming the file, before any work
     return str(value)
 
 
@@ -258,6 +319,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ``validate_first``), "best_checkpoint": str | None, "output_dir": str,
         "trainer": Trainer, "model": LightningModule, "scaling": dict}``.
     """
+    check_run_config(cfg)
+    resume = _resume_path(cfg)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     if cfg.get("seed") is not None:
@@ -294,7 +357,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(config)
 
-    resume = _resume_path(cfg)
     metrics_at_start = None
     if cfg.get("validate_first", False):
         # the starting point's validation metrics, logged at step 0 (e.g. before fine-tuning)

@@ -17,6 +17,7 @@ Tasks:
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from drdm.data.batch import collate_pairs, collate_subjects
 from drdm.data.io import check_label_values
 from drdm.data.pairs import PAIR_MODES, PairDataset, build_pairs
 from drdm.data.preprocessing import PreprocessingConfig, preprocess_volume, size_transform
+from drdm.data.sampling import EpochShuffle
 from drdm.data.slicing import extract_slices
 from drdm.data.sources import Source, SourceData
 from drdm.data.splits import SPLITS, select_labelled, split_groups
@@ -79,6 +81,9 @@ class SubjectDataModule(L.LightningDataModule):
             volumes through ``tio.Queue`` (val/test are centre-cropped/padded to ``image_size``).
         batch_size, num_workers, pin_memory: loader settings; ``eval_batch_size`` defaults to
             ``batch_size``.
+        persistent_workers: keep the training loader's workers across epochs (faster epochs
+            with workers); off by default because a resumed run cannot reproduce the random
+            state such workers carry over (random transforms in workers would then differ).
         seed: seed of the split, the few-shot selection and the pair subset.
     """
 
@@ -104,6 +109,7 @@ class SubjectDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        persistent_workers: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -153,6 +159,7 @@ class SubjectDataModule(L.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
         self.seed = int(seed)
         self.source_data: SourceData | None = None
         self.splits: dict[str, list[str]] = {}
@@ -297,15 +304,34 @@ class SubjectDataModule(L.LightningDataModule):
     def _loader(
         self, dataset: Any, collate: Callable, shuffle: bool, batch_size: int, workers: int
     ):
+        options: dict[str, Any] = {"persistent_workers": workers > 0}
+        if shuffle:
+            # the order (and the workers' seeds) follow (seed, epoch): a resumed run repeats
+            # them; workers then start every epoch, since persistent ones would carry their
+            # random state from one epoch to the next where a resumed run cannot follow
+            sampler = EpochShuffle(dataset, self.shuffle_seed(), self._current_epoch())
+            options = {
+                "sampler": sampler,
+                "generator": sampler.worker_generator,
+                "persistent_workers": workers > 0 and self.persistent_workers,
+            }
         return tio.SubjectsLoader(
             dataset,
             collate_fn=collate,
             batch_size=batch_size,
-            shuffle=shuffle,
             num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=workers > 0,
+            **options,
         )
+
+    def shuffle_seed(self) -> int:
+        """The training shuffle's seed: the run's global seed (``PL_GLOBAL_SEED``, which
+        ``lightning.seed_everything`` sets and Lightning's DDP sampler uses too), else ``seed``."""
+        return int(os.environ.get("PL_GLOBAL_SEED", self.seed))
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
 
     def _patch_queue(self, dataset: tio.SubjectsDataset) -> tio.Queue:
         options = self.patch

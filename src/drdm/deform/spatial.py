@@ -176,13 +176,14 @@ def warp(
     return warped.to(image.dtype)
 
 
-def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+def compose(first: torch.Tensor, second: torch.Tensor, padding: str = "border") -> torch.Tensor:
     """Displacement of applying ``first`` then ``second``: ``second + first o (id + second)``.
 
-    Both ``[B, ndims, *spatial]`` in voxels. ``first`` is resampled with border padding so the
-    field does not fall to zero outside the image.
+    Both ``[B, ndims, *spatial]`` in voxels. ``first`` is resampled with ``padding``: ``"border"``
+    (default) so the field does not fall to zero outside the image; ``"zeros"`` as the authors'
+    generation chain does (their 2D config's ``padding_mode``).
     """
     check_displacement(first, "first")
     check_displacement(second, "second")
     _check_same_field_shape(first, second)
-    return second + warp(first, second, mode="bilinear", padding="border")
+    return second + warp(first, second, mode="bilinear", padding=padding)

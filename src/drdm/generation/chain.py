@@ -211,6 +211,7 @@ def recover(
     sampling_steps: int | None = None,
     skipped_steps: str = "once",
     deformation=None,
+    compose_padding: str = "border",
 ) -> torch.Tensor:
     """Run the recovery chain and return the final field ``[B, ndims, *S]`` (voxels).
 
@@ -223,6 +224,9 @@ def recover(
         mode: interpolation used to re-warp the original image for the next network input.
         sampling_steps, skipped_steps, deformation: the few-step chain (:func:`step_plan`);
             the defaults call the network at every step.
+        compose_padding: how the accumulated field is read outside the image when a prediction
+            is composed onto it (:func:`drdm.deform.compose`): ``"border"`` or ``"zeros"`` (the
+            authors' chain).
     """
     if image.shape[0] != diffused.shape[0] or image.shape[2:] != diffused.shape[2:]:
         raise ValueError(
@@ -238,7 +242,8 @@ def recover(
         prediction = net(current, plan.steps[call]).to(displacement.dtype)
         if not plan.single[call]:
             prediction = displacement_power(prediction, plan.power[call])
-        displacement = torch.where(active, compose(displacement, prediction), displacement)
+        composed = compose(displacement, prediction, padding=compose_padding)
+        displacement = torch.where(active, composed, displacement)
         if call + 1 < plan.calls:  # the next call's input; the last one needs none
             current = warp(image, displacement, mode=mode)
     return displacement

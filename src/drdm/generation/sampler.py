@@ -155,6 +155,11 @@ def resolve_margin(margin: int | float | None, image_size: Sequence[int]) -> int
     return int(margin)
 
 
+def _chain_mode(warp_mode: str | None) -> str | None:
+    """The chain's re-warp mode for a model trained with ``warp_mode`` (None: the default)."""
+    return warp_mode if warp_mode in ("bilinear", "bicubic") else None
+
+
 def _set_options(options: dict) -> dict:
     """The options a caller actually set (``None`` means "the default")."""
     return {key: value for key, value in options.items() if value is not None}
@@ -206,6 +211,14 @@ class DRDM:
             field it changed.
         fold_repair_sigma, fold_repair_dilation, fold_repair_iterations: its Gaussian (voxels),
             how far around a fold it smooths (voxels) and its iteration limit.
+        compose_padding: how the chain reads the accumulated field outside the image when it
+            composes a prediction onto it: ``"border"`` or ``"zeros"`` (the authors' chain, their
+            2D config's ``padding_mode``). ``None``: ``"zeros"`` for the authors' ``.pth``,
+            ``"border"`` for drdm's own models.
+        chain_interpolation: how the original is re-warped as each network call's input
+            (``bilinear`` or ``bicubic``). ``None``: the interpolation the model was trained with
+            (a ``.ckpt``'s ``warp_mode``; ``bicubic`` for the authors' ``.pth``, as their
+            ``resample_mode``), else ``bilinear``.
     """
 
     def __init__(
@@ -228,6 +241,8 @@ class DRDM:
         fold_repair_sigma: float = 4.0,
         fold_repair_dilation: int = 4,
         fold_repair_iterations: int = 50,
+        compose_padding: str | None = None,
+        chain_interpolation: str | None = None,
     ) -> None:
         self.memory_format = torch.channels_last if len(image_size) == 2 else torch.channels_last_3d
         # channels-last convolutions: about 14 % less time per network call on a CPU (the
@@ -271,6 +286,17 @@ class DRDM:
         self.fold_repair_sigma = float(fold_repair_sigma)
         self.fold_repair_dilation = int(fold_repair_dilation)
         self.fold_repair_iterations = int(fold_repair_iterations)
+        self.compose_padding = compose_padding or "border"
+        if self.compose_padding not in ("border", "zeros"):
+            raise ValueError(f"compose_padding must be border | zeros, got {compose_padding!r}")
+        self.chain_interpolation = chain_interpolation or "bilinear"
+        if self.chain_interpolation not in ("bilinear", "bicubic") or (
+            self.chain_interpolation == "bicubic" and self.ndims == 3
+        ):
+            raise ValueError(
+                "chain_interpolation must be bilinear (or bicubic in 2D), "
+                f"got {chain_interpolation!r}"
+            )
         self.device = torch.device("cpu")
 
     # ------------------------------------------------------------------ construction
@@ -308,7 +334,13 @@ class DRDM:
                 path, map_location, use_ema
             )
             # the caller's settings over the checkpoint's recommendation over the fallback
-            options = {**_set_options(fallback or {}), **recommended, **_set_options(options)}
+            trained = {"chain_interpolation": _chain_mode(hparams.get("warp_mode"))}
+            options = {
+                **_set_options(fallback or {}),
+                **_set_options(trained),
+                **recommended,
+                **_set_options(options),
+            }
             return cls(net, deformation, hparams["image_size"], **options)
         if path.suffix in (".pth", ".pt"):
             from drdm.deform import RandomDeformation
@@ -322,7 +354,9 @@ class DRDM:
             settings = {**reference_2d_schedule(), **(schedule or {})}
             settings.update(ndims=net.ndims, timesteps=net.timesteps)
             deformation = RandomDeformation(**settings)
-            options = {**_set_options(fallback or {}), **_set_options(options)}
+            # the authors' chain numerics (their config: padding_mode zeros, resample_mode bicubic)
+            authors = {"compose_padding": "zeros", "chain_interpolation": "bicubic"}
+            options = {**_set_options(fallback or {}), **authors, **_set_options(options)}
             return cls(net, deformation, (256,) * net.ndims, **options)
         raise ValueError(f"{path}: expected a Lightning .ckpt or the authors' .pth state_dict")
 
@@ -332,6 +366,19 @@ class DRDM:
         self.net.to(self.device)
         self.deformation.to(self.device)
         return self
+
+    def settings(self) -> dict:
+        """Every setting that shapes a sample (plain values): what a resumed run must share."""
+        names = (
+            "image_size", "interpolation", "t0_start", "t0_step", "t0_every", "start_step",
+            "sampling_steps", "skipped_steps", "batch_size", "margin", "margin_padding",
+            "precision", "fold_repair", "fold_repair_sigma", "fold_repair_dilation",
+            "fold_repair_iterations", "compose_padding", "chain_interpolation",
+        )  # fmt: skip
+        values = {name: getattr(self, name) for name in names}
+        values["image_size"] = list(self.image_size)
+        values["timesteps"] = self.timesteps
+        return values
 
     @property
     def images_per_call(self) -> int:
@@ -486,9 +533,11 @@ class DRDM:
             canvas,
             field,
             first,
+            mode=self.chain_interpolation,
             sampling_steps=self.sampling_steps,
             skipped_steps=self.skipped_steps,
             deformation=self.deformation,
+            compose_padding=self.compose_padding,
         )
         if self.margin == 0:
             return recovered

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from drdm.nets.recresacnet import RecResACNet
+from drdm.utils.errors import first_line
 
 # tensors whose shapes determine the constructor arguments
 _SHAPE_KEYS = ("time_embed.weight", "b1.0.conv0.weight", "b2.0.conv0.weight", "b3.0.conv0.weight")
@@ -24,7 +25,8 @@ def _read_state_dict(path: str | os.PathLike, map_location) -> dict[str, torch.T
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for corrupt / non-torch files
-        raise ValueError(f"cannot read {path} as a torch state_dict: {error}") from error
+        message = f"cannot read {path} as a torch state_dict ({first_line(error)})"
+        raise ValueError(message) from None
     if not isinstance(state, Mapping) or not all(
         isinstance(value, torch.Tensor) for value in state.values()
     ):
@@ -56,7 +58,10 @@ def _architecture(path, state: Mapping[str, torch.Tensor]) -> dict:
 
 
 def load_reference_checkpoint(
-    path: str | os.PathLike, map_location="cpu", recursions: int = 2
+    path: str | os.PathLike,
+    map_location="cpu",
+    recursions: int = 2,
+    displacement_limit: str = "component",
 ) -> RecResACNet:
     """Build a :class:`RecResACNet` matching the checkpoint at ``path`` and load it strictly.
 
@@ -65,6 +70,9 @@ def load_reference_checkpoint(
             ``cmr_recresacnet_reference.pth``: 2D, 1 channel, T = 80).
         map_location: passed to ``torch.load``.
         recursions: refinement passes of the returned network.
+        displacement_limit: ``"component"`` (default): the authors' bound, with which the loaded
+            network reproduces theirs to float rounding (``tests/test_reference_parity.py``);
+            ``"image"``: drdm's in-image clamp (4-17 % different outputs with these weights).
 
     Returns:
         The network in eval mode, ``net(image [B,C,*S], t [B]) -> displacement`` in voxels.
@@ -75,7 +83,9 @@ def load_reference_checkpoint(
             names the file and the missing, unexpected or mis-shaped keys).
     """
     state = _read_state_dict(path, map_location)
-    net = RecResACNet(**_architecture(path, state), recursions=recursions)
+    net = RecResACNet(
+        **_architecture(path, state), recursions=recursions, displacement_limit=displacement_limit
+    )
     _load_strictly(net, state, path)
     return net.eval()
 
@@ -102,10 +112,18 @@ def _load_strictly(net: torch.nn.Module, state: Mapping[str, torch.Tensor], path
 def read_lightning_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """A Lightning ``.ckpt`` as a dict, with ``weights_only=True`` (hyper-parameters are plain
     containers beside the tensors); an unreadable file raises a ``ValueError`` naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for corrupt / non-torch files
-        raise ValueError(f"cannot read {path} as a Lightning checkpoint: {error}") from error
+        raise ValueError(
+            f"cannot read {path} as a Lightning checkpoint ({first_line(error)})"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        kind = type(checkpoint).__name__
+        raise ValueError(f"{path} is not a Lightning checkpoint (it holds a {kind})")
+    return checkpoint
 
 
 def upgrade_ema_layout(checkpoint: dict) -> None:

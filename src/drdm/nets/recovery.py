@@ -2,7 +2,8 @@
 
 A recovery network's backbone predicts a raw field in **fractions of the image size** (the unit of
 the authors' networks: a raw value of 0.1 is 10 % of the image side). :class:`RecoveryNet` turns it
-into voxels, clamps it so that every sampling position stays inside the image, and optionally
+into voxels, bounds it (``displacement_limit``: every sampling position inside the image, or, as
+the authors' network does, every component within ``±(size - 1)`` voxels), and optionally
 refines it recursively: pass ``k`` sees the input image warped by the field so far, and its output
 is composed after it (``drdm.deform.compose(so_far, new)``). Subclasses only implement
 :meth:`RecoveryNet.predict_raw`.
@@ -34,6 +35,20 @@ def clamp_to_image(displacement: torch.Tensor) -> torch.Tensor:
     return torch.clamp(displacement, min=-grid, max=last - grid)
 
 
+DISPLACEMENT_LIMITS = ("image", "component")
+
+
+def clamp_components(displacement: torch.Tensor) -> torch.Tensor:
+    """Clamp every component of ``[B, ndims, *S]`` voxel displacements to ``±(max(S) - 1)``.
+
+    The bound of the authors' ``RecResACNet.boundary_limit`` (a raw value times the image side,
+    clamped to ``1 - side .. side - 1``); sampling positions may leave the image (zero padding
+    then reads black), which is what their trained weights were trained with.
+    """
+    limit = float(max(displacement.shape[2:]) - 1)
+    return torch.clamp(displacement, min=-limit, max=limit)
+
+
 def _symmetric_padding(spatial: tuple[int, ...], multiple: int) -> list[tuple[int, int]]:
     """Per-axis ``(before, after)`` zero padding making every size a multiple of ``multiple``."""
     padding = []
@@ -53,6 +68,11 @@ class RecoveryNet(nn.Module):
         recursions: refinement passes (the authors use 2); ``forward`` may override it.
         size_multiple: the backbone needs spatial sizes divisible by this (``2 ** levels``);
             other sizes are zero-padded symmetrically and the output is cropped back.
+        displacement_limit: ``"image"``: every pass's field (and the result) is clamped so that
+            ``x + u(x)`` stays inside the image (:func:`clamp_to_image`); ``"component"``: each
+            pass's components are clamped to ``±(size - 1)`` voxels and the composed result is
+            left as it is (:func:`clamp_components`, the authors' network: with their weights
+            only this reproduces their outputs).
     """
 
     def __init__(
@@ -62,8 +82,15 @@ class RecoveryNet(nn.Module):
         timesteps: int,
         recursions: int,
         size_multiple: int,
+        displacement_limit: str = "image",
     ):
         super().__init__()
+        if displacement_limit not in DISPLACEMENT_LIMITS:
+            raise ValueError(
+                f"displacement_limit must be one of {DISPLACEMENT_LIMITS}, "
+                f"got {displacement_limit!r}"
+            )
+        self.displacement_limit = displacement_limit
         if ndims not in (2, 3):
             raise ValueError(f"ndims must be 2 or 3, got {ndims}")
         if in_channels < 1:
@@ -103,7 +130,8 @@ class RecoveryNet(nn.Module):
 
         Returns:
             ``[B, ndims, *S]`` displacement in voxels such that ``warp(image, displacement)``
-            undoes the deformation; ``x + displacement(x)`` always lies inside the image.
+            undoes the deformation; with ``displacement_limit="image"``, ``x + displacement(x)``
+            always lies inside the image.
         """
         self._check_image(image)
         steps = self._check_steps(t, image.shape[0], image.device)
@@ -119,10 +147,11 @@ class RecoveryNet(nn.Module):
             flat = [side for pair in reversed(padding) for side in pair]
             padded = F.pad(image, flat)
 
+        limit = clamp_to_image if self.displacement_limit == "image" else clamp_components
         displacement = None
         current = padded
         for index in range(passes):
-            step = clamp_to_image(self.raw_to_voxels(self.predict_raw(current, steps)))
+            step = limit(self.raw_to_voxels(self.predict_raw(current, steps)))
             displacement = step if displacement is None else compose(displacement, step)
             if index + 1 < passes:
                 # always warp the input (never a warped image) so blur does not accumulate
@@ -131,6 +160,8 @@ class RecoveryNet(nn.Module):
         if padded is not image:
             crop = tuple(slice(before, before + n) for (before, _), n in zip(padding, spatial))
             displacement = displacement[(slice(None), slice(None), *crop)]
+        if self.displacement_limit == "component":
+            return displacement  # the authors' network returns the composed field unclamped
         # composition and cropping keep the bound up to rounding; make it exact
         return clamp_to_image(displacement)
 

@@ -76,6 +76,8 @@ class RecResACNet(RecoveryNet):
         recursions: refinement passes (2 as in the authors' code).
         atrous_rates: dilations of the convolutions inside each block.
         negative_slope: LeakyReLU slope (the authors' 1e-6 is a ReLU in practice).
+        displacement_limit: ``"image"`` or ``"component"`` (the authors' bound; see
+            :class:`~drdm.nets.recovery.RecoveryNet`).
 
     Call: ``net(image [B,C,*S], t [B]) -> displacement [B, ndims, *S]`` in voxels.
     About 0.44 M parameters in 2D with the defaults (8000 of them the frozen step table).
@@ -91,8 +93,11 @@ class RecResACNet(RecoveryNet):
         recursions: int = 2,
         atrous_rates: Sequence[int] = (1, 3),
         negative_slope: float = 1e-6,
+        displacement_limit: str = "image",
     ):
-        super().__init__(ndims, in_channels, timesteps, recursions, size_multiple=8)
+        super().__init__(
+            ndims, in_channels, timesteps, recursions, 8, displacement_limit=displacement_limit
+        )
         if len(channels) != 3 or min(channels) < 1:
             raise ValueError(f"channels must be three positive ints (c1, c2, c3), got {channels}")
         c1, c2, c3 = (int(c) for c in channels)

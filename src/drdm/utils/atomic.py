@@ -1,8 +1,9 @@
 """Atomic file writes: write a temporary file beside the target, then ``os.replace`` it.
 
 A reader (or a resumed run) never sees a half-written file: the target either keeps its old
-content or gets the complete new one. Temporary names start with ``.`` so resumable writers can
-recognise and remove leftovers of an interrupted run.
+content or gets the complete new one. A temporary file is named ``.<target name>.drdm-tmp-<random>
+<suffix>`` (:func:`temporary_pattern`), so a resumable writer can find the leftovers of an
+interrupted run of its own targets and nothing else: a user's dot-files never match.
 """
 
 from __future__ import annotations
@@ -10,9 +11,38 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+
+TEMPORARY_MARK = ".drdm-tmp-"
+
+
+def temporary_pattern(target_name: str) -> re.Pattern:
+    """The names :func:`atomic_write` gives temporary files of the target ``target_name``."""
+    suffix = re.escape(_suffix(Path(target_name)))
+    mark = re.escape(TEMPORARY_MARK)
+    return re.compile(rf"\.{re.escape(target_name)}{mark}[A-Za-z0-9_]+{suffix}")
+
+
+def remove_temporaries(folder: str | Path, target_names) -> list[Path]:
+    """Delete the leftover temporary files of ``target_names`` in ``folder`` (an interrupted
+    :func:`atomic_write` of one of them); any other file is left alone. Returns what it removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    patterns = [temporary_pattern(name) for name in target_names]
+    removed = []
+    for candidate in folder.glob(f".*{TEMPORARY_MARK}*"):
+        if candidate.is_file() and any(p.fullmatch(candidate.name) for p in patterns):
+            candidate.unlink()
+            removed.append(candidate)
+    return removed
+
+
+def _suffix(path: Path) -> str:
+    return "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
 
 
 def _umask() -> int:
@@ -32,8 +62,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}{TEMPORARY_MARK}", suffix=_suffix(path), dir=path.parent
+    )
     os.close(handle)
     try:
         write(Path(temporary))
