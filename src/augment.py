@@ -38,12 +38,25 @@ def main(cfg: DictConfig) -> None:
             progress=bool(cfg.progress),
             overwrite=bool(cfg.overwrite),
             drdm_options=OmegaConf.to_container(cfg.generation, resolve=True),
-            drdm_defaults=OmegaConf.to_container(cfg.generation_defaults, resolve=True),
         )
-    print(
+    output = Path(cfg.output_dir)
+    lines = [
         f"{summary['inputs']} inputs: {summary['generated']} samples generated, "
-        f"{summary['skipped']} already done -> {cfg.output_dir}"
-    )
+        f"{summary['skipped']} already done -> {output}",
+        f"  samples: {output / 'image'}/<input>_<k>.nii.gz (the input's geometry)",
+        f"  fields:  {output / 'field'}/ (ITK displacement fields, mm: "
+        "sitk.DisplacementFieldTransform reads them)",
+    ]
+    if (output / "label").is_dir():
+        lines.append(f"  labels:  {output / 'label'}/ (warped by the same fields, nearest)")
+    lines += [
+        f"  manifest: {output / 'manifest.csv'} (one row per sample: t0, seeds, folding, "
+        "displacement in mm); run record: run.json (a re-run resumes, or refuses other settings)",
+        "  next: look at a sample with nibabel or ITK-SNAP; train a few-shot segmentation on "
+        "such pairs with src/train.py experiment=default_fewshot augmentation=drdm_offline "
+        f"augmentation.batch.offline.folder={output}",
+    ]
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

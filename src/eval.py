@@ -191,6 +191,12 @@ def evaluate(cfg: DictConfig) -> Path:
     )
     for line in summarise(rows, present):
         print(f"{line['metric']:>16}: {line['mean']:.4f} +- {line['std']:.4f} (n={line['count']})")
+    print(f"  per pair: {csv_path}; means: {output_dir / 'summary.csv'}")
+    if cfg.write_outputs:
+        print(
+            f"  outputs: {output_dir / 'pairs'}/<pair>/warped.nii.gz, warped_label.nii.gz, "
+            "displacement.nii.gz (ITK field, mm)"
+        )
     return csv_path
 
 

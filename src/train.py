@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 # outputs go to <checkout>/logs wherever the script is started from (conf/paths/default.yaml)
 os.environ.setdefault("DRDM_ROOT", str(Path(__file__).resolve().parents[1]))
 
-from drdm.training import optimized_metric, register_resolvers, train  # noqa: E402
+from drdm.training import optimized_metric, register_resolvers, summary_lines, train  # noqa: E402
 from drdm.utils.errors import report_user_errors  # noqa: E402
 
 # the resolvers conf/hardware uses, before Hydra composes the config
@@ -26,7 +26,10 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     """Fit; return ``cfg.optimized_metric`` (the value hyper-parameter sweeps optimise)."""
     with report_user_errors("train.py"):
-        return optimized_metric(cfg, train(cfg))
+        result = train(cfg)
+        if result["trainer"].is_global_zero:
+            print("\n".join(summary_lines(cfg, result)), flush=True)
+        return optimized_metric(cfg, result)
 
 
 if __name__ == "__main__":

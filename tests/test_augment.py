@@ -1,6 +1,7 @@
 """`src/augment.py` outputs: geometry, fields read back, determinism and resuming."""
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -240,24 +241,53 @@ def test_reference_checkpoint_generates_unfolded_acdc_samples(reference_dir):
 
 
 def test_the_shipped_few_step_default_repairs_the_border_folds_of_the_reference(reference_dir):
-    """conf/augment.yaml's generation_defaults on the authors' checkpoint (a few-step chain, no
-    margin, fold repair): the chain alone folds at the border, the repaired fields do not."""
-    from omegaconf import OmegaConf
+    """The shipped default on the authors' checkpoint (a few-step chain, no margin, fold repair):
+    the chain alone folds at the border, the repaired fields do not."""
+    from drdm.generation import SHIPPED_DEFAULTS as defaults
 
-    from drdm.utils.instantiate import config_dir
-
-    defaults = OmegaConf.to_container(OmegaConf.load(config_dir() / "augment.yaml"))
-    defaults = defaults["generation_defaults"]
     assert defaults["margin"] == 0 and defaults["fold_repair"] is True
     volume = nib.load(reference_dir / "acdc_patient001_frame01.nii.gz").get_fdata()
     image = torch.from_numpy(volume[:, :, 5].astype(np.float32))
     checkpoint = reference_dir / "cmr_recresacnet_reference.pth"
     runs = {}
     for repair in (False, True):
-        drdm = DRDM.load(checkpoint, fallback=defaults, fold_repair=repair)
+        drdm = DRDM.load(checkpoint, fold_repair=repair)  # the shipped default is the fallback
         runs[repair] = drdm.generate(image, num_samples=1, seed=0)
     assert float(runs[False].folding_ratio) > 0.01
     assert float(runs[True].folding_ratio) == 0
     assert 0 < float(runs[True].repaired_ratio) < 0.3
     rewarped = warp(image[None, None], runs[True].displacement, "bicubic")
     torch.testing.assert_close(rewarped, runs[True].image)
+
+
+def test_every_route_gets_one_precedence_of_generation_settings(checkpoint, inputs, tmp_path):
+    """``DRDM.load`` from Python, src/augment.py and the DRDM field source (the on-the-fly
+    augmentation's and the registration's) resolve the same settings: the caller's, else the
+    checkpoint's, else the shipped default."""
+    from drdm.generation import SHIPPED_DEFAULTS
+    from drdm.synthesis.sources import DRDMFieldSource
+
+    python = DRDM.load(checkpoint).settings()
+    for key, value in SHIPPED_DEFAULTS.items():  # this checkpoint recommends nothing
+        assert python[key] == value, key
+    augment(checkpoint, inputs, tmp_path / "out", num_samples=1, device="cpu", progress=False)
+    recorded = json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
+    assert recorded == python
+    source = DRDMFieldSource(checkpoint)
+    assert source._model(torch.device("cpu")).settings() == python
+    # a caller's setting wins on every route; "all" is the one spelling of the full chain
+    full = DRDM.load(checkpoint, sampling_steps="all").settings()
+    assert full["sampling_steps"] == "all"
+    assert (
+        DRDMFieldSource(checkpoint, options={"sampling_steps": "all"})
+        ._model(torch.device("cpu"))
+        .settings()
+        == full
+    )
+    with pytest.raises(ValueError, match='say "all"'):
+        DRDM(DRDM.load(checkpoint).net, DRDM.load(checkpoint).deformation, (SIZE, SIZE),
+             sampling_steps=None)  # fmt: skip
+    # a checkpoint's own recommendation (the packaged model's) over the shipped default
+    packaged = DRDM.load("default").settings()
+    assert packaged["sampling_steps"] == "all" and packaged["start_step"] == "t0"
+    assert DRDMFieldSource("default")._model(torch.device("cpu")).settings() == packaged

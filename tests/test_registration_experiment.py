@@ -44,6 +44,7 @@ def tiny_drdm(tmp_path_factory) -> Path:
     cfg = compose_train(
         folder,
         [
+            "~experiment",  # not the first run: a tiny net from scratch
             "torch_threads=1",
             "logger=csv",
             "callbacks=none",

@@ -43,6 +43,7 @@ CONF = REPO / "conf"
 TRAIN_SCRIPT = REPO / "src" / "train.py"
 # a tiny DRDM run on the embedded 64 x 64 data: one epoch of one or two batches
 TINY = [
+    "~experiment",  # not the first run: tiny nets, no packaged weights
     "model.net.channels=[4,8,8]",
     "model.net.recursions=1",
     "torch_threads=1",

@@ -1,6 +1,7 @@
 """Training through real Hydra composition and a real Trainer (2D and 3D), and src/train.py."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +35,15 @@ def compose_train(tmp_path: Path, overrides: list[str]):
 
 
 SMALL_NET = ["model.net.channels=[4,8,8]", "model.net.recursions=1", "torch_threads=1"]
+# not the first run (conf/experiment/first_run.yaml fine-tunes the packaged model)
+NO_EXPERIMENT = "~experiment"
 
 
 @pytest.mark.slow
 def test_fast_dev_run_2d(tmp_path):
     cfg = compose_train(
         tmp_path,
-        [*SMALL_NET, "trainer.fast_dev_run=true", "logger=csv", "data.batch_size=2"],
+        [NO_EXPERIMENT, *SMALL_NET, "trainer.fast_dev_run=true", "logger=csv", "data.batch_size=2"],
     )
     result = train(cfg)
     assert result["trainer"].global_step == 1
@@ -95,6 +98,7 @@ def test_train_script_writes_checkpoint_figure_and_logs_under_logs(tmp_path):
     command = [
         sys.executable,
         str(REPO / "src" / "train.py"),
+        NO_EXPERIMENT,
         *SMALL_NET,
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=1",
@@ -140,3 +144,46 @@ def test_one_file_of_a_group_reads_as_hydra_composes_it(group, option):
     read = load_config(CONF / group / f"{option}.yaml")
     assert "defaults" not in read
     assert OmegaConf.to_container(read) == OmegaConf.to_container(composed[group])
+
+
+@pytest.mark.slow
+def test_the_first_run_fine_tunes_the_packaged_model_and_says_where_everything_is(tmp_path):
+    """`python src/train.py` with no overrides is the first run (conf/experiment/first_run.yaml);
+    here with one epoch, and the summary it prints names files that exist."""
+    from drdm.generation import DRDM
+    from drdm.pretrained import DEFAULT_MODEL
+
+    cfg = compose_train(tmp_path, [])
+    assert cfg.model.init_weights == "default" and cfg.validate_first
+    packaged = DRDM.load("default")
+    assert cfg.model.figure_t0 == packaged.t0_start < cfg.model.net.timesteps
+    assert cfg.model.figure_start_step == packaged.start_step
+    env = dict(os.environ, DRDM_ROOT=str(tmp_path), WANDB_MODE="offline", WANDB_SILENT="true")
+    command = [
+        sys.executable,
+        str(REPO / "src" / "train.py"),
+        "torch_threads=1",
+        "trainer.max_epochs=1",
+        "trainer.check_val_every_n_epoch=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "~callbacks.rich_progress_bar",
+        "+trainer.enable_progress_bar=false",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = done.stdout[done.stdout.index("Training finished") :]
+    start, end = re.search(
+        r"val/recovery_error: ([\d.]+) at the start -> ([\d.]+)", summary
+    ).groups()
+    # it starts from the packaged weights: already recovering (1 = nothing recovered)
+    assert float(start) < 0.95 and float(end) < 0.95, summary
+    named = dict(re.findall(r"^  (best checkpoint|last checkpoint|validation figures): (\S+)",
+                            summary, re.M))  # fmt: skip
+    assert set(named) == {"best checkpoint", "last checkpoint", "validation figures"}, summary
+    assert all(Path(path).exists() for path in named.values()), named
+    assert list(Path(named["validation figures"]).glob("*.png"))
+    sync = re.search(r"wandb sync (\S+)", summary).group(1)
+    assert Path(sync).is_dir()
+    assert f"python src/augment.py ckpt_path={named['best checkpoint']}" in summary
+    assert str(DEFAULT_MODEL) not in summary  # the user's own checkpoint is the next step's

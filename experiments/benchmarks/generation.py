@@ -66,7 +66,7 @@ from benchmark_utils import (
 )
 
 from drdm.deform import RandomDeformation
-from drdm.generation import DRDM
+from drdm.generation import DRDM, SHIPPED_DEFAULTS
 from drdm.generation.chain import block_starts, start_steps
 from drdm.nets import RecResACNet
 from drdm.utils.atomic import write_text_atomic
@@ -94,14 +94,15 @@ METRICS = ("folding", "max_displacement", "mean_displacement", "dice", "ncc", "f
 
 # ---------------------------------------------------------------------------------- inputs
 def shipped_options() -> tuple[dict, dict]:
-    """``conf/augment.yaml``'s ``generation`` settings (``None`` dropped: unset) and its
-    ``generation_defaults``, as ``src/augment.py`` hands them to ``DRDM.load``."""
+    """``conf/augment.yaml``'s ``generation`` settings (``None`` dropped: unset) and the shipped
+    default under them (:data:`drdm.generation.SHIPPED_DEFAULTS`), as every route of
+    ``DRDM.load`` combines them."""
     from omegaconf import OmegaConf
 
     config = OmegaConf.load(ROOT / "conf" / "augment.yaml")
     options = OmegaConf.to_container(config.generation)
-    fallback = OmegaConf.to_container(config.generation_defaults)
-    return {key: value for key, value in options.items() if value is not None}, fallback
+    options = {key: value for key, value in options.items() if value is not None}
+    return options, dict(SHIPPED_DEFAULTS)
 
 
 def load_model(checkpoint: str, schedule: dict) -> DRDM:
@@ -638,7 +639,7 @@ def speed_lines(record: dict) -> list[str]:
         f"{record['samples']} samples of one slice (network size {size}). *authors' procedure*: "
         "one sample at a time, the chain from T-1 (80 calls), their forward fields "
         '(`integrator="reference"`), no margin; *shipped default*: what `src/augment.py` '
-        "runs: `DRDM.load` with `conf/augment.yaml`'s `generation` and `generation_defaults` "
+        "runs: `DRDM.load` with `conf/augment.yaml`'s `generation` and the shipped default "
         f"({record.get('settings', '')}; network batches of its `batch_size`). Same network, "
         "seeds and t0; rows named by a schedule (`--speed-also`) run it with the shipped "
         f"settings otherwise. Each configuration was timed {record.get('repeats', 1)} times, "

@@ -67,6 +67,7 @@ RECIPES = {
 }
 # what every recipe shares: no checkpoints, figures or loggers; the callback measures
 COMMON = [
+    "~experiment",  # each recipe from scratch, not the first run's fine-tune
     "logger=none",
     "callbacks=none",
     "model.figure_every_n_epochs=0",

@@ -308,6 +308,73 @@ def optimized_metric(cfg: DictConfig, result: dict[str, Any]) -> float | None:
     return result["metrics"][name]
 
 
+# the number a person reads first, per task: the first of these that was logged
+HEADLINE_METRICS = (
+    "val/recovery_error",
+    "test/dice_mean",
+    "val/dice_mean",
+    "test/dice",
+    "val/dice",
+    "val/loss",
+)
+
+
+def _next_command(target: str, best: str, run: Path) -> str:
+    if target.endswith("DRDMModule"):
+        return (
+            f"python src/augment.py ckpt_path={best} input=/path/to/image.nii.gz "
+            f"output_dir={run / 'samples'} num_samples=8   (your NIfTI file or folder; labels "
+            "beside it as X_gt.nii.gz are warped too)"
+        )
+    if target.endswith("RegistrationModule"):
+        return f"python src/eval.py checkpoint={best}   (add the experiment=... you trained with)"
+    return f"python src/train.py train=false test=true ckpt_path={best}   (your experiment=...)"
+
+
+def summary_lines(cfg: DictConfig, result: dict[str, Any]) -> list[str]:
+    """What a person reads when ``src/train.py`` ends: the headline metric (from its starting
+    value where the run validated first), the checkpoints, the figures, how to watch the run and
+    the next command to try."""
+    trainer, run = result["trainer"], Path(result["output_dir"])
+    metrics, start = result["metrics"], result.get("metrics_at_start") or {}
+    lines = [
+        f"Training finished: {trainer.current_epoch} epochs, {trainer.global_step} optimiser "
+        f"steps -> {run}"
+    ]
+    name = next((key for key in HEADLINE_METRICS if key in metrics), None)
+    if name is not None:
+        value = f"{metrics[name]:.4f}"
+        if name in start:
+            value = f"{start[name]:.4f} at the start -> {value} at the end"
+        note = "  (1 = nothing recovered, lower is better)" if "recovery_error" in name else ""
+        lines.append(f"  {name}: {value}{note}")
+    callback = trainer.checkpoint_callback
+    best = result.get("best_checkpoint")
+    folder = callback.dirpath if callback is not None else None
+    last = Path(folder) / "last.ckpt" if folder else None
+    if best:
+        lines.append(f"  best checkpoint: {best}")
+    if last is not None and last.is_file():
+        lines.append(
+            f"  last checkpoint: {last}   (resume: python src/train.py ckpt_path=last "
+            f"hydra.run.dir={run})"
+        )
+    figures = cfg.model.get("figure_dir")
+    if figures and Path(figures).is_dir():
+        newest = sorted(Path(figures).glob("*.png"))
+        if newest:
+            lines.append(f"  validation figures: {figures}   (newest: {newest[-1].name})")
+    offline = sorted(run.glob("wandb/offline-run-*"))
+    if offline:
+        lines.append(f"  watch it: wandb sync {offline[-1]}   (offline run; needs a wandb login)")
+    elif (run / "csv").is_dir():
+        lines.append(f"  metrics: {run / 'csv'}")
+    if best or (last is not None and last.is_file()):
+        checkpoint = best or str(last)
+        lines.append(f"  next: {_next_command(str(cfg.model.get('_target_')), checkpoint, run)}")
+    return lines
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Seed, build data / trainer / model / callbacks / loggers from ``cfg``, fit (and test).
 

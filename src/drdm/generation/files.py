@@ -503,9 +503,11 @@ def augment(
     """Generate samples for every input; returns ``{"inputs": n, "generated": m, "skipped": s}``.
 
     ``drdm_options``: :class:`DRDM` settings (``None``: unset); ``drdm_defaults``: settings used
-    where neither they nor the checkpoint set one (``DRDM.load``'s ``fallback``). ``progress``:
-    a bar over the pending samples (ETA, current input) on stderr. ``overwrite``: replace the
-    samples of another run in ``output_dir`` (the files its manifest lists) instead of refusing.
+    where neither they nor the checkpoint set one (``DRDM.load``'s ``fallback``; ``None``: the
+    shipped default, :data:`drdm.generation.SHIPPED_DEFAULTS`, as on every other route).
+    ``progress``: a bar over the pending samples (ETA, current input) on stderr. ``overwrite``:
+    replace the samples of another run in ``output_dir`` (the files its manifest lists) instead
+    of refusing.
 
     Every input is checked (names, shapes, label values, the output location, a resumed run's
     identity) before the first sample is generated; folders and ``run.json`` are only created

@@ -32,6 +32,18 @@ from drdm.generation.slices import field_to_volume, to_slices, to_volume
 
 _SEED_MIX = 1_000_003
 PRECISIONS = ("fp32", "bf16")
+# The shipped generation default: what every route (``DRDM.load`` from Python, src/augment.py,
+# the DRDM augmentation and the registration's DRDM field source, all through ``DRDM.load``) uses
+# where neither its caller nor the checkpoint sets a value. A few-step chain: 7 network calls from
+# T-1, each prediction applied once, no margin, folds smoothed away after the chain
+# (experiments/benchmarks/results/fidelity.md measures it against the authors' code).
+SHIPPED_DEFAULTS = {
+    "start_step": "T",
+    "sampling_steps": 7,
+    "skipped_steps": "once",
+    "margin": 0,
+    "fold_repair": True,
+}
 
 
 def reference_2d_schedule() -> dict:
@@ -178,8 +190,9 @@ class DRDM:
         start_step: where the recovery chain starts: ``"T"`` (``T-1``, the reference), ``"t0"``
             (``t0-1``) or an int.
         sampling_steps: network calls per sample, spread over the chain (a few-step chain,
-            :func:`drdm.generation.chain.step_plan`); ``None`` or ``"all"``: one call per step
-            (the method).
+            :func:`drdm.generation.chain.step_plan`), or ``"all"``: one call per step (the
+            method). ``"all"`` is the one spelling of the full chain; ``None`` is refused here
+            (in options, ``None`` means "not set": see :meth:`load`).
         skipped_steps: how a call's prediction stands in for the steps it skips: ``"once"``
             (applied once: the chain visits fewer steps), ``"repeat"`` (applied once per step,
             exact self-composition), ``"k_rec"`` (rescaled to the recovery the network is
@@ -231,7 +244,7 @@ class DRDM:
         t0_step: int | None = None,
         t0_every: int = 2,
         start_step: str | int = "T",
-        sampling_steps: int | str | None = None,
+        sampling_steps: int | str = "all",
         skipped_steps: str = "once",
         batch_size: int | str = 32,
         margin: int | float | None = None,
@@ -261,6 +274,11 @@ class DRDM:
         self.t0_step = (2 if self.ndims == 2 else 1) if t0_step is None else int(t0_step)
         self.t0_every = int(t0_every)
         self.start_step = start_step
+        if sampling_steps is None:
+            raise ValueError(
+                'sampling_steps=None: say "all" for one network call per step (in DRDM.load '
+                "options and configs, null means not set: the checkpoint's or the shipped value)"
+            )
         sampling_steps = None if sampling_steps == "all" else sampling_steps
         check_sampling_steps(sampling_steps, skipped_steps)
         self.sampling_steps = sampling_steps
@@ -316,9 +334,11 @@ class DRDM:
         ``schedule``: ``RandomDeformation`` arguments overriding the forward process of a ``.pth``
         (a ``.ckpt`` keeps the schedule it was trained with). ``options`` are :class:`DRDM`
         arguments (``interpolation``, ``t0_start``, ...). Each setting comes from, first to last:
-        ``options`` (``None``: unset), the checkpoint's recommended ``generation_defaults`` (the
-        packaged model's: ``t0_start=24``, ``start_step="t0"``, ``sampling_steps="all"``),
-        ``fallback`` (e.g. ``src/augment.py``'s few-step default), the :class:`DRDM` defaults.
+        ``options`` (``None``: unset), what the checkpoint says (a ``.ckpt``'s recommended
+        ``generation_defaults``, e.g. the packaged model's ``t0_start=24``, ``start_step="t0"``,
+        ``sampling_steps="all"``; the authors' chain numerics for their ``.pth``), ``fallback``
+        (default :data:`SHIPPED_DEFAULTS`, the few-step default every route shares; ``{}``: none),
+        the :class:`DRDM` defaults.
 
         Raises:
             FileNotFoundError: no file at ``path``.
@@ -326,6 +346,7 @@ class DRDM:
         """
         from drdm.pretrained import resolve_checkpoint
 
+        fallback = SHIPPED_DEFAULTS if fallback is None else fallback
         path = resolve_checkpoint(path)
         if not path.is_file():
             raise FileNotFoundError(f"DRDM checkpoint not found: {path}")
@@ -377,6 +398,7 @@ class DRDM:
         )  # fmt: skip
         values = {name: getattr(self, name) for name in names}
         values["image_size"] = list(self.image_size)
+        values["sampling_steps"] = self.sampling_steps or "all"
         values["timesteps"] = self.timesteps
         return values
 

@@ -149,6 +149,7 @@ class DRDMModule(L.LightningModule):
         self.val_recovery_error = RecoveryError()
         self.val_means = torch.nn.ModuleDict({name: WeightedMean() for name in VALIDATION_MEANS})
         self._weights_restored = False  # init_weights applied, or weights from a checkpoint
+        self._figure_source: torch.Tensor | None = None  # validation image of the next figure
         self.generation_defaults: dict = {}
         if ema_decay is not None:
             check_decay(ema_decay)
@@ -221,9 +222,10 @@ class DRDMModule(L.LightningModule):
         path = self.hparams.get("init_weights")
         if path and not self._weights_restored:
             from drdm.nets import initialise_from
+            from drdm.pretrained import resolve_checkpoint
 
             # the EMA copies these weights on its first update (AveragedModel does)
-            initialise_from(self.net, path)
+            initialise_from(self.net, resolve_checkpoint(path))
             log.info("recovery network initialised from %s", path)
         self._weights_restored = True
 
@@ -281,19 +283,26 @@ class DRDMModule(L.LightningModule):
         # the set's sums are reduced across ranks before the ratio
         self.val_recovery_error.update(parts["recovered"], parts["target"])
         self.log("val/recovery_error", self.val_recovery_error, batch_size=batch_size)
-        period = int(self.hparams.figure_every_n_epochs)
-        if (
-            batch_idx == 0
-            and period > 0
-            and self.current_epoch % period == 0
-            and not self.trainer.sanity_checking
-            # one figure per run under DDP (the inference net is unwrapped: no collectives)
-            and self.trainer.is_global_zero
-        ):
-            self._log_figure(image[:1])
+        if batch_idx == 0 and self._figure_due():
+            self._figure_source = image[:1]
 
-    def _log_figure(self, image: torch.Tensor) -> None:
-        """Generate one sample from ``image`` ``[1, 1, *S]``, save a PNG, hand it to the logger."""
+    def _figure_due(self) -> bool:
+        period = int(self.hparams.figure_every_n_epochs)
+        return period > 0 and self.current_epoch % period == 0 and not self.trainer.sanity_checking
+
+    def on_validation_epoch_end(self) -> None:
+        # drawn after the whole validation set, so the figure's title carries this epoch's error
+        if not self._figure_due():
+            return
+        error = float(self.val_recovery_error.compute())  # every rank: it reduces across them
+        # one figure per run under DDP (the inference net is unwrapped: no collectives)
+        if self.trainer.is_global_zero and self._figure_source is not None:
+            self._log_figure(self._figure_source, error)
+        self._figure_source = None
+
+    def _log_figure(self, image: torch.Tensor, recovery_error: float | None = None) -> None:
+        """Generate one sample from ``image`` ``[1, 1, *S]``, save a PNG, hand it to the logger;
+        the title gives ``recovery_error`` (the validation set's, 1 = nothing recovered)."""
         from drdm.deform import jacobian_determinant
         from drdm.utils.figures import log_image, recovery_figure
 
@@ -319,7 +328,8 @@ class DRDMModule(L.LightningModule):
             displacement[0],
             det,
             path,
-            title=f"epoch {self.current_epoch}, t0 = {int(t0)}",
+            title=f"epoch {self.current_epoch}, t0 = {int(t0)}"
+            + ("" if recovery_error is None else f", val/recovery_error {recovery_error:.3f}"),
         )
         log_image(self.loggers, "val/figure", path, self.global_step)
 
