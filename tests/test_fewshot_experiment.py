@@ -165,3 +165,28 @@ def test_drdm_training_holds_out_the_few_shot_test_set(tmp_path):
     assert "data.split.test_ids=[icbm152_b00_00_02,icbm152_b00_00_06]" in command
     assert "data.split.val_ids=[icbm152_b00_00_04]" in command
     assert f"hydra.run.dir={tmp_path / 'drdm'}" in command
+
+
+def test_the_paired_table_tells_a_consistent_gain_from_noise_and_round_trips_runs_csv(tmp_path):
+    """Per-seed pairing: a DRDM gain on every one of 8 seeds holds, a noisy one does not; the
+    table rebuilds from the runs.csv it wrote."""
+    runs = []
+    for seed in range(8):
+        base = 0.60 + 0.02 * math.sin(seed)
+        for strategy, value in (
+            ("none", base),
+            ("bigaug", base + (0.01 if seed % 2 else -0.01)),
+            ("drdm", base + 0.03 + 0.002 * seed),
+        ):
+            metrics = {"dice_mean": value, "dice_a": value, "hd95_mean": 5.0}
+            runs.append(
+                {"run_dir": f"r{strategy}{seed}", "strategy": strategy, "n_labelled": 1,
+                 "seed": seed, "class_names": ["background", "a"], "metrics": metrics}
+            )  # fmt: skip
+    table = aggregate.paired_table(runs)
+    rows = {line.split("|")[2].strip(): line for line in table.splitlines()[2:]}
+    assert rows["drdm - none"].rstrip(" |").endswith("yes") and "| 8 |" in rows["drdm - none"]
+    assert rows["bigaug - none"].rstrip(" |").endswith("no")
+    assert rows["drdm - bigaug"].rstrip(" |").endswith("yes")
+    (tmp_path / "runs.csv").write_text(aggregate.runs_csv(runs))
+    assert aggregate.paired_table(aggregate.read_runs_csv(tmp_path / "runs.csv")) == table

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from drdm.metrics.paired import paired_difference
 from drdm.utils.atomic import save_figure_atomic, write_text_atomic
 
 RESULTS_FILE = "test_metrics.json"
@@ -190,6 +191,75 @@ def format_table(runs: Sequence[dict], summary: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparisons(strategies: Sequence[str]) -> list[tuple[str, str]]:
+    """``(baseline, strategy)`` pairs the table tests: every strategy against ``none``, and
+    every DRDM strategy against ``bigaug``."""
+    pairs = [("none", s) for s in strategies if s != "none" and "none" in strategies]
+    if "bigaug" in strategies:
+        pairs += [("bigaug", s) for s in strategies if "drdm" in s and s != "bigaug"]
+    return pairs
+
+
+def paired_table(runs: Sequence[dict], metric: str = "dice_mean", scale: float = 100.0) -> str:
+    """Markdown: per-seed paired differences (strategy - baseline) of ``metric`` per
+    ``n_labelled``, with a bootstrap 95 % interval, the Wilcoxon signed-rank p and the seeds.
+
+    Seeds pair runs that share the split, the labelled subjects and the initial weights; a seed
+    missing from either arm is left out of that comparison.
+    """
+    by_key = {(r["strategy"], r["n_labelled"], r["seed"]): r["metrics"].get(metric) for r in runs}
+    strategies = sorted({r["strategy"] for r in runs}, key=_strategy_key)
+    lines = [
+        "| n_labelled | comparison | mean difference | 95 % bootstrap interval | Wilcoxon p "
+        "| seeds | holds |",
+        "|---:|---|---:|---|---:|---:|---|",
+    ]
+    for n in sorted({r["n_labelled"] for r in runs}):
+        for baseline, strategy in comparisons(strategies):
+            seeds = sorted(
+                seed
+                for (name, count, seed), value in by_key.items()
+                if name == strategy and count == n and value is not None and math.isfinite(value)
+                and math.isfinite(by_key.get((baseline, n, seed), math.nan))
+            )  # fmt: skip
+            if not seeds:
+                continue
+            result = paired_difference(
+                [by_key[(baseline, n, seed)] for seed in seeds],
+                [by_key[(strategy, n, seed)] for seed in seeds],
+            )
+            lines.append(
+                f"| {n} | {strategy} - {baseline} | {result.mean * scale:+.1f} | "
+                f"[{result.low * scale:+.1f}, {result.high * scale:+.1f}] | {result.p:.3f} | "
+                f"{result.n} | {'yes' if result.holds else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def read_runs_csv(path: str | Path) -> list[dict]:
+    """The run records of a ``runs.csv`` this script wrote (to rebuild the tables from it)."""
+    with open(path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    if not rows:
+        raise ValueError(f"{path} holds no runs")
+    fixed = {"strategy", "n_labelled", "seed", "run"}
+    metric_keys = [key for key in rows[0] if key not in fixed]
+    class_names = ["background"] + sorted(
+        {key.split("_", 1)[1] for key in metric_keys if key.startswith("dice_")} - {"mean"}
+    )
+    return [
+        {
+            "run_dir": row["run"],
+            "strategy": row["strategy"],
+            "n_labelled": int(row["n_labelled"]),
+            "seed": int(row["seed"]),
+            "class_names": class_names,
+            "metrics": {key: float(row[key]) if row[key] else math.nan for key in metric_keys},
+        }
+        for row in rows
+    ]
+
+
 def runs_csv(runs: Sequence[dict]) -> str:
     metric_keys = sorted({name for run in runs for name in run["metrics"]})
     buffer = io.StringIO()
@@ -255,20 +325,33 @@ def plot(summary: dict, path: Path) -> None:
         plt.close(figure)
 
 
-def aggregate(sweep_dirs: Sequence[str | Path], output_dir: str | Path) -> dict:
-    """Read every run below ``sweep_dirs``; write runs.csv, summary.csv, table.md, plot.png.
+def aggregate(
+    sweep_dirs: Sequence[str | Path], output_dir: str | Path, runs: Sequence[dict] | None = None
+) -> dict:
+    """Read every run below ``sweep_dirs`` (or take ``runs``, e.g. :func:`read_runs_csv`'s);
+    write runs.csv, summary.csv, table.md (with the paired differences), plot.png.
 
     Returns ``{"runs": [...], "summary": {...}, "table": str}``.
     """
-    run_dirs = find_runs(sweep_dirs)
-    if not run_dirs:
-        raise FileNotFoundError(
-            f"no {RESULTS_FILE} below {[str(d) for d in sweep_dirs]}"
-            " (were the runs tested, test=true?)"
-        )
-    runs = [read_run(run_dir) for run_dir in run_dirs]
+    if runs is None:
+        run_dirs = find_runs(sweep_dirs)
+        if not run_dirs:
+            raise FileNotFoundError(
+                f"no {RESULTS_FILE} below {[str(d) for d in sweep_dirs]}"
+                " (were the runs tested, test=true?)"
+            )
+        runs = [read_run(run_dir) for run_dir in run_dirs]
     summary = summarise(runs)
-    table = format_table(runs, summary)
+    table = (
+        "## Paired differences per seed: mean Dice (%)\n\n"
+        "Each strategy against `none`, and DRDM against BigAug, on the same seeds (same split, "
+        "labelled subjects and initial weights). *holds*: the 95 % bootstrap interval excludes 0 "
+        "and the two-sided Wilcoxon signed-rank p < 0.05; with n seeds the smallest possible p is "
+        "2 / 2^n (0.125 for 4 seeds, so 4 seeds can never show a gain that holds).\n\n"
+        + paired_table(runs)
+        + "\n"
+        + format_table(runs, summary)
+    )
     output_dir = Path(output_dir)
     write_text_atomic(output_dir / "runs.csv", runs_csv(runs))
     write_text_atomic(output_dir / "summary.csv", summary_csv(summary))
@@ -279,10 +362,16 @@ def aggregate(sweep_dirs: Sequence[str | Path], output_dir: str | Path) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dirs", nargs="+", type=Path, help="src/train.py -m output folders")
+    parser.add_argument("sweep_dirs", nargs="*", type=Path, help="src/train.py -m output folders")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--from-runs-csv", type=Path, default=None, help="rebuild the tables from a runs.csv"
+    )
     args = parser.parse_args(argv)
-    result = aggregate(args.sweep_dirs, args.output)
+    if not args.sweep_dirs and args.from_runs_csv is None:
+        parser.error("give sweep folders or --from-runs-csv")
+    runs = read_runs_csv(args.from_runs_csv) if args.from_runs_csv else None
+    result = aggregate(args.sweep_dirs, args.output, runs)
     print(result["table"])
 
 

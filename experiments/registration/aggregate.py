@@ -7,6 +7,9 @@ adds the no-registration baseline (identity field) on the very same pairs, and w
   classes), ASD and HD95 (mm), field error (mean endpoint error against the known field, mm),
   folding ratio (% of voxels with ``det J <= 0``), SD of log-Jacobian, training time;
 * ``per_pair.csv`` — every pair and mode;
+* ``paired.md`` — paired differences of Dice between modes over the same held-out pairs (mean,
+  95 % bootstrap interval, Wilcoxon signed-rank p); ``--paired-from per_pair.csv`` rebuilds it
+  alone;
 * ``figure.png`` — one held-out pair: moving, fixed and the true field, then per mode the
   warped image, its difference to the fixed image, the predicted field (deformed grid) and the
   endpoint-error map;
@@ -28,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from drdm.metrics.paired import paired_difference
 from drdm.utils.atomic import atomic_write, write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -204,6 +208,56 @@ def figure(batch: Mapping, runs: Sequence[Mapping], path: Path, index: int = 0) 
         plt.close(fig)
 
 
+def mode_comparisons(modes: Sequence[str]) -> list[tuple[str, str]]:
+    """``(baseline, mode)``: every mode against no registration and against the unsupervised
+    network; DRDM pairs against B-spline pairs (with and without real pairs)."""
+    pairs = [(IDENTITY, m) for m in modes if m != IDENTITY]
+    pairs += [("unsupervised", m) for m in modes if m not in (IDENTITY, "unsupervised")]
+    for suffix in ("", "+real"):
+        drdm, bspline = f"synthetic_drdm{suffix}", f"synthetic_bspline{suffix}"
+        if drdm in modes and bspline in modes:
+            pairs.append((bspline, drdm))
+    return [(a, b) for a, b in pairs if a in modes]
+
+
+def paired_table(rows: Sequence[Mapping], metric: str = "dice") -> str:
+    """Markdown: ``mode - baseline`` of ``metric`` paired by held-out pair id."""
+    values = {(row["mode"], row["id"]): float(row[metric]) for row in rows}
+    modes = list(dict.fromkeys(row["mode"] for row in rows))
+    lines = [
+        f"# Registration: paired differences of {metric} over the same held-out pairs",
+        "",
+        "*holds*: the 95 % bootstrap interval excludes 0 and the two-sided Wilcoxon signed-rank "
+        "p < 0.05.",
+        "",
+        "| comparison | mean difference | 95 % bootstrap interval | Wilcoxon p | pairs | holds |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for baseline, mode in mode_comparisons(modes):
+        ids = sorted(
+            i for (m, i), v in values.items()
+            if m == mode and math.isfinite(v) and math.isfinite(values.get((baseline, i), math.nan))
+        )  # fmt: skip
+        if not ids:
+            continue
+        result = paired_difference(
+            [values[(baseline, i)] for i in ids], [values[(mode, i)] for i in ids]
+        )
+        lines.append(
+            f"| {mode} - {baseline} | {result.mean:+.3f} | [{result.low:+.3f}, {result.high:+.3f}] "
+            f"| {result.p:.3g} | {result.n} | {'yes' if result.holds else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def read_per_pair(path: Path) -> list[dict]:
+    with open(path, newline="") as stream:
+        return [
+            {k: (v if k in ("mode", "id") else (float(v) if v else math.nan)) for k, v in r.items()}
+            for r in csv.DictReader(stream)
+        ]
+
+
 def aggregate(info: Mapping, results: Path, eval_overrides: Sequence[str] = ()) -> Path:
     """Write table.md / table.csv / per_pair.csv / figure.png / run.json under ``results``."""
     runs = list(info["runs"])
@@ -221,6 +275,7 @@ def aggregate(info: Mapping, results: Path, eval_overrides: Sequence[str] = ()) 
     columns = ["mode", "pairs", *[f"{n}_{s}" for n in names for s in ("mean", "std")]]
     write_text_atomic(results / "table.csv", csv_text(lines, columns))
     table = write_text_atomic(results / "table.md", markdown_table(lines, seconds))
+    write_text_atomic(results / "paired.md", paired_table(rows))
     # the held-out pair of the first batch with the most labelled anatomy
     first = batches[0]
     index = int((first["fixed_label"] > 0).flatten(1).sum(1).argmax())
@@ -231,9 +286,17 @@ def aggregate(info: Mapping, results: Path, eval_overrides: Sequence[str] = ()) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="re-aggregate a registration comparison run")
-    parser.add_argument("run_json", type=Path, help="run.json of a finished run.py")
+    parser.add_argument("run_json", type=Path, nargs="?", help="run.json of a finished run.py")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--paired-from", type=Path, default=None, help="a per_pair.csv")
     args = parser.parse_args(argv)
+    if args.paired_from is not None:
+        text = paired_table(read_per_pair(args.paired_from))
+        write_text_atomic(args.results / "paired.md", text)
+        print(text)
+        return
+    if args.run_json is None:
+        parser.error("give a run.json, or --paired-from per_pair.csv")
     info = json.loads(args.run_json.read_text())
     print(aggregate(info, args.results))
 
