@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
 
@@ -162,3 +163,29 @@ def test_learning_benchmark_interpolates_the_samples_to_a_level(benchmarks):
     assert learning.samples_to_reach(points, 0.7, "seconds") == pytest.approx(20)
     assert learning.samples_to_reach(points, 0.5, "samples") is None
     assert learning.samples_to_reach(points, 1.0, "samples") == 0
+
+
+def test_fidelity_verdict_fails_a_shifted_row_and_passes_the_same_distribution(benchmarks):
+    """The fidelity benchmark's pass test (Mann-Whitney per slice x statistic, pooled mean
+    displacement within 10 %, folding) on records made here, not on a model."""
+    fidelity = benchmarks("fidelity")
+    rng = torch.Generator().manual_seed(0)
+
+    def samples(shift: float) -> list[dict]:
+        values = 0.03 + 0.005 * torch.randn(16, len(fidelity.STATISTICS), generator=rng)
+        return [
+            {**{name: float(row[i]) + (shift if name == "mean_displacement" else 0.0)
+                for i, name in enumerate(fidelity.STATISTICS)},
+             "folding": 0.005 * float(row[0])}  # below 1 %: the folding criterion holds
+            for row in values
+        ]  # fmt: skip
+
+    def row(shift: float) -> dict:
+        return {"slices": [{"slice": z, "samples": samples(shift)} for z in (2, 5, 8)]}
+
+    record = {fidelity.AUTHORS: row(0.0), "same": row(0.0), "shifted": row(0.02)}
+    same, shifted = fidelity.verdict(record, "same"), fidelity.verdict(record, "shifted")
+    assert same["tests"] == shifted["tests"] == 3 * len(fidelity.STATISTICS)
+    assert same["passes"] and abs(same["displacement_ratio"] - 1) < 0.1
+    assert not shifted["passes"] and not shifted["displacement"]
+    assert {t["statistic"] for t in shifted["failed_tests"]} == {"mean_displacement"}

@@ -7,7 +7,9 @@ rounding (1 and 2 recursive passes), and drdm's recovery chain must compose fiel
 
 from __future__ import annotations
 
+import importlib
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +22,7 @@ from drdm.generation.chain import recover
 from drdm.nets import load_reference_checkpoint
 
 REFERENCE_CODE = REFERENCE_DIR.parent.parent / "reference" / "def_diff_rec"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
 SIZE = 256
 
 
@@ -30,11 +33,21 @@ def authors():
         pytest.skip(f"the authors' code is not at {REFERENCE_CODE}")
     sys.path.insert(0, str(REFERENCE_CODE))
     try:
-        import Diffusion.diffuser as diffuser
         import Diffusion.networks as networks
     finally:
         sys.path.remove(str(REFERENCE_CODE))
-    return networks, diffuser
+    return networks
+
+
+@pytest.fixture(scope="module")
+def fidelity():
+    """``experiments/benchmarks/fidelity.py``: it builds the authors' ``DeformDDPM`` as their
+    2D config does (one place for those settings, the benchmark's)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module("fidelity")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +64,7 @@ def slice_256(reference_dir) -> torch.Tensor:
     return (image - image.min()) / (image.max() - image.min())
 
 
-def _their_network(authors, weights):
-    networks, _ = authors
+def _their_network(networks, weights):
     net = networks.RecResACNet(n_steps=80, time_emb_dim=100, ndims=2, num_input_chn=1)
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return net.eval()
@@ -88,24 +100,12 @@ def test_the_loaded_network_is_the_authors_network_to_float_rounding(
 
 
 def test_the_recovery_chain_composes_fields_as_the_authors_diff_recover(
-    authors, weights, slice_256
+    fidelity, weights, slice_256
 ):
     """Three steps of their ``diff_recover`` loop (their network, their STNs: field padding
     ``zeros``, image ``bicubic``) against :func:`drdm.generation.chain.recover` from the same
     diffused field."""
-    _, diffuser = authors
-    ddpm = diffuser.DeformDDPM(
-        network=_their_network(authors, weights),
-        n_steps=80,
-        device="cpu",
-        image_chw=(1, SIZE, SIZE),
-        batch_size=1,
-        img_pad_mode="zeros",
-        ddf_pad_mode="border",
-        padding_mode="zeros",
-        v_scale=4e-5,
-        resample_mode="bicubic",
-    )
+    ddpm = fidelity.authors_model(weights, "cpu")
     torch.manual_seed(3)
     _, _, ddf_rand = ddpm(slice_256, torch.tensor([40]))
     steps = 3
@@ -117,20 +117,16 @@ def test_the_recovery_chain_composes_fields_as_the_authors_diff_recover(
             field = ddpm.ddf_stn_full(field, prediction) + prediction
             image = ddpm.img_stn(slice_256, field)
         expected = field * SIZE
-        got = recover(
-            load_reference_checkpoint(weights),
-            slice_256,
-            ddf_rand * SIZE,
-            torch.tensor([steps - 1]),
-            mode="bicubic",
-            compose_padding="zeros",
-        )
-        border = recover(
-            load_reference_checkpoint(weights),
-            slice_256,
-            ddf_rand * SIZE,
-            torch.tensor([steps - 1]),
-            mode="bicubic",
+        got, border = (
+            recover(
+                load_reference_checkpoint(weights),
+                slice_256,
+                ddf_rand * SIZE,
+                torch.tensor([steps - 1]),
+                mode="bicubic",
+                compose_padding=padding,
+            )
+            for padding in ("zeros", "border")
         )
     error = _relative(got, expected)
     assert error < 1e-4, error

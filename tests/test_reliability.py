@@ -35,14 +35,6 @@ from drdm.training import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _snapshot(folder: Path, skip: Path | None = None) -> dict[str, str]:
     """Relative path -> SHA-256 of every file under ``folder`` (dot-files included)."""
     return {
