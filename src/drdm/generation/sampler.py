@@ -50,14 +50,17 @@ SHIPPED_DEFAULTS = {
 
 def reference_2d_schedule() -> dict:
     """``conf/deformation/reference_2d.yaml`` (with its base) as ``RandomDeformation`` arguments:
-    the forward process the authors' 2D checkpoint is loaded with."""
-    from drdm.utils.instantiate import config_dir, load_config
+    the forward process the authors' 2D checkpoint is loaded with.
 
-    path = config_dir() / "deformation" / "reference_2d.yaml"
+    Read from the package (``drdm/deformation_configs``, a link to ``conf/deformation`` in the
+    checkout, copied into the wheel), so an installed drdm needs no checkout."""
+    from drdm.utils.instantiate import load_config
+
+    path = Path(__file__).resolve().parents[1] / "deformation_configs" / "reference_2d.yaml"
     if not path.is_file():
         raise FileNotFoundError(
-            f"the authors' checkpoint is loaded with {path} (conf/ of the drdm checkout); "
-            "set DRDM_ROOT to the checkout"
+            f"the authors' checkpoint is loaded with {path}, which this drdm install lacks; "
+            "reinstall drdm"
         )
     config = dict(load_config(path))
     config.pop("_target_", None)
