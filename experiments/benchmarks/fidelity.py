@@ -51,6 +51,7 @@ from generation import shipped_options as augment_settings
 
 from drdm.deform import folding_ratio, warp
 from drdm.generation import DRDM
+from drdm.generation.chain import minmax_normalise
 from drdm.generation.sampler import t0_schedule
 from drdm.metrics.overlap import dice_score
 from drdm.utils.atomic import write_text_atomic
@@ -155,9 +156,7 @@ def inputs(volume: Path, slices: list[int]) -> tuple[torch.Tensor, torch.Tensor]
     """Slices resized to ``256 x 256``: image ``[S, 1, 256, 256]`` in 0..1, label (nearest)."""
     images, labels, _ = load_slices(str(volume), slices)
     images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", align_corners=True)
-    low = images.flatten(1).min(1).values.view(-1, 1, 1, 1)
-    high = images.flatten(1).max(1).values.view(-1, 1, 1, 1)
-    images = (images - low) / (high - low)
+    images = minmax_normalise(images)
     labels = F.interpolate(labels.float(), size=(SIZE, SIZE), mode="nearest").long()
     return images, labels
 

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from drdm.data.sampling import epoch_seed
+from drdm.data.sampling import GLOBAL_STREAM
 from drdm.nets.checkpoint import read_lightning_checkpoint
 from drdm.utils.instantiate import build
+from drdm.utils.seeds import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class RankSeed(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         value = rank_seed(self.seed, trainer.global_rank)
-        _seed_globals(epoch_seed(value, trainer.current_epoch, 2))
+        _seed_globals(mix_seed(value, trainer.current_epoch, GLOBAL_STREAM))
 
 
 def check_launch(trainer: L.Trainer) -> None:

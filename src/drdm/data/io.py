@@ -208,8 +208,10 @@ def check_same_geometry(image_path: Path, label_path: Path, atol: float = 1e-3) 
 def check_label_values(values: np.ndarray, num_classes: int | None, where: str) -> None:
     """Refuse label maps with non-integer values or values outside ``0 .. num_classes - 1``."""
     unique = np.unique(values)
-    if not np.allclose(unique, np.round(unique)):
-        raise ValueError(f"{where}: label values must be integers, got {unique[:10].tolist()}")
+    fractional = unique[unique != np.round(unique)]
+    if fractional.size:
+        found = [float(f"{value:.6g}") for value in fractional[:8]]
+        raise ValueError(f"{where}: label values must be integer class indices, found {found}")
     if num_classes is None:
         return
     outside = unique[(unique < 0) | (unique >= num_classes)]

@@ -15,12 +15,11 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import RandomSampler
 
-_SEED_MIX = 1_000_003  # a prime: mixes seed and epoch into one seed
+from drdm.utils.seeds import mix_seed
 
-
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """One 63-bit seed for ``(seed, epoch, stream)``; streams keep shuffle and workers apart."""
-    return ((int(seed) * _SEED_MIX + int(epoch)) * _SEED_MIX + int(stream)) % (2**63 - 1)
+# streams of mix_seed(seed, epoch, stream): keep the shuffle, the workers and the training
+# step's global re-seed (drdm.training.RankSeed) apart
+SHUFFLE_STREAM, WORKER_STREAM, GLOBAL_STREAM = 0, 1, 2
 
 
 class EpochShuffle(RandomSampler):
@@ -41,15 +40,15 @@ class EpochShuffle(RandomSampler):
         self.seed = int(seed)
         self.epoch = int(epoch)
         self.worker_generator = torch.Generator()
-        self.worker_generator.manual_seed(epoch_seed(self.seed, self.epoch, 1))
+        self.worker_generator.manual_seed(mix_seed(self.seed, self.epoch, WORKER_STREAM))
 
     def set_epoch(self, epoch: int) -> None:
         # called again for the epoch the loader was created in (after a resume): keep the
         # worker generator as it is, since that epoch's iterator has already drawn from it
         if int(epoch) != self.epoch:
             self.epoch = int(epoch)
-            self.worker_generator.manual_seed(epoch_seed(self.seed, self.epoch, 1))
+            self.worker_generator.manual_seed(mix_seed(self.seed, self.epoch, WORKER_STREAM))
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, SHUFFLE_STREAM))
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()

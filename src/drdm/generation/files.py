@@ -38,7 +38,14 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from drdm.data.io import check_same_geometry, load_nifti, nifti_files, nifti_stem, save_nifti_like
+from drdm.data.io import (
+    check_label_values,
+    check_same_geometry,
+    load_nifti,
+    nifti_files,
+    nifti_stem,
+    save_nifti_like,
+)
 from drdm.deform import displacement_to_world
 from drdm.fields import write_displacement_field
 from drdm.generation.sampler import DRDM, mix_seed
@@ -148,13 +155,8 @@ def check_output_location(cases: Sequence[InputCase], output_dir: Path) -> None:
 
 def check_label_map(label: np.ndarray, path: Path) -> None:
     """Refuse a label map that is not integer class indices ``0 .. MAX_LABEL``, naming values."""
+    check_label_values(label, None, f"label {path}")
     values = np.unique(label)
-    fractional = values[values != np.round(values)]
-    if fractional.size:
-        raise ValueError(
-            f"label {path}: values must be integer class indices, found "
-            f"{[float(f'{v:.6g}') for v in fractional[:8]]}"
-        )
     outside = values[(values < 0) | (values > MAX_LABEL)]
     if outside.size:
         raise ValueError(

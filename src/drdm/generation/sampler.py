@@ -29,8 +29,8 @@ from drdm.deform.smoothing import check_repair_options, repair_folding
 from drdm.deform.spatial import warp
 from drdm.generation.chain import check_sampling_steps, minmax_normalise, recover, start_steps
 from drdm.generation.slices import field_to_volume, to_slices, to_volume
+from drdm.utils.seeds import mix_seed
 
-_SEED_MIX = 1_000_003
 PRECISIONS = ("fp32", "bf16")
 # The shipped generation default: what every route (``DRDM.load`` from Python, src/augment.py,
 # the DRDM augmentation and the registration's DRDM field source, all through ``DRDM.load``) uses
@@ -65,14 +65,6 @@ def reference_2d_schedule() -> dict:
     config = dict(load_config(path))
     config.pop("_target_", None)
     return config
-
-
-def mix_seed(*keys: int) -> int:
-    """Combine integers into one 63-bit seed (order matters)."""
-    value = 0
-    for key in keys:
-        value = (value * _SEED_MIX + int(key)) % (2**63 - 1)
-    return value
 
 
 def t0_schedule(num_samples: int, start: int, step: int = 2, every: int = 2) -> list[int]:

@@ -32,10 +32,9 @@ from drdm.metrics.recovery import RecoveryError
 from drdm.models.ema import WarmedUpEMA, check_decay
 from drdm.models.optim import ADAM, check_interval, configure
 from drdm.utils.instantiate import build, to_plain
+from drdm.utils.seeds import mix_seed
 
 log = logging.getLogger(__name__)
-
-_SEED_MIX = 1_000_003  # a prime: mixes seed, rank, epoch and batch index into one seed
 
 
 def _timesteps_of(deformation: torch.nn.Module, net: torch.nn.Module) -> int:
@@ -164,11 +163,8 @@ class DRDMModule(L.LightningModule):
 
     def _generator(self, *keys: int) -> torch.Generator:
         """A generator on the batch's device seeded from (seed, rank, *keys)."""
-        value = int(self.hparams.seed)
-        for key in (self.global_rank, *keys):
-            value = (value * _SEED_MIX + int(key)) % (2**63 - 1)
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(value)
+        generator.manual_seed(mix_seed(int(self.hparams.seed), self.global_rank, *keys))
         return generator
 
     def _check_batch(self, batch: Mapping) -> torch.Tensor:

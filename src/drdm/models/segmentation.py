@@ -30,8 +30,8 @@ from torch import nn
 from drdm.losses import soft_dice_loss
 from drdm.metrics.collection import METRIC_NAMES, SegmentationScores
 from drdm.models.optim import ADAMW, check_interval, configure
-from drdm.utils import build, to_plain
 from drdm.utils.atomic import save_figure_atomic, write_json_atomic
+from drdm.utils.instantiate import build, to_plain
 
 
 class SegmentationModule(L.LightningModule):

@@ -235,7 +235,7 @@ class ForwardDiffusionFieldSource(FieldSource):
     """
 
     def __init__(self, schedule, t0: int | Sequence[int] = 48, fields_per_image: int = 0) -> None:
-        from drdm.utils import build
+        from drdm.utils.instantiate import build
 
         super().__init__(t0, fields_per_image)
         self.schedule = build(schedule)
