@@ -291,3 +291,29 @@ def test_every_route_gets_one_precedence_of_generation_settings(checkpoint, inpu
     packaged = DRDM.load("default").settings()
     assert packaged["sampling_steps"] == "all" and packaged["start_step"] == "t0"
     assert DRDMFieldSource("default")._model(torch.device("cpu")).settings() == packaged
+
+
+def test_offline_pool_reads_augment_output_by_input(checkpoint, tmp_path):
+    """The offline strategy's pool reads an augment.py folder through its manifest and keeps the
+    samples of the inputs it is given (a few-shot run's labelled images) and no others."""
+    from drdm.augmentation import OfflineSyntheticPool
+
+    folder = tmp_path / "inputs"
+    for index in range(2):
+        image, label = _blob_volume((SIZE, SIZE), seed=index)
+        save_nifti(folder / f"case{index}.nii.gz", image, np.diag([0.8, 0.8, 1.0, 1.0]))
+        save_nifti(folder / f"case{index}_gt.nii.gz", label, np.diag([0.8, 0.8, 1.0, 1.0]))
+    output = tmp_path / "pairs"
+    augment(checkpoint, folder, output, num_samples=2, seed=3, device="cpu", progress=False)
+
+    every = OfflineSyntheticPool(output)
+    assert len(every) == 4 and every.images.shape == (4, 1, SIZE, SIZE)
+    only = OfflineSyntheticPool(output, inputs=["case1"])
+    assert [image.name for image, _ in only.paths] == ["case1_0.nii.gz", "case1_1.nii.gz"]
+    written = nib.load(output / "label" / "case1_0.nii.gz").get_fdata()
+    assert torch.equal(only.labels[0, 0], torch.from_numpy(np.rint(written).astype(np.int64)))
+    with pytest.raises(ValueError, match=r"no samples of inputs \['case7'\]"):
+        OfflineSyntheticPool(output, inputs=["case7"])
+    (output / "label" / "case0_1.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="case0_1"):
+        OfflineSyntheticPool(output)

@@ -189,3 +189,19 @@ def test_fidelity_verdict_fails_a_shifted_row_and_passes_the_same_distribution(b
     assert same["passes"] and abs(same["displacement_ratio"] - 1) < 0.1
     assert not shifted["passes"] and not shifted["displacement"]
     assert {t["statistic"] for t in shifted["failed_tests"]} == {"mean_displacement"}
+
+
+def test_transforms_benchmark_quick(benchmarks, tmp_path):
+    output = tmp_path / "transforms.md"
+    benchmarks("transforms").main(["--quick", "--threads", "1", "--output", str(output)])
+    data = json.loads(output.with_suffix(".json").read_text())
+    methods = [row["method"] for row in data["cases"][0]["rows"]]
+    assert methods[:2] == ["TorchIO RandomElasticDeformation", "MONAI Rand2DElastic"]
+    for case in data["cases"]:
+        for row in case["rows"]:
+            assert row["seconds"] > 0 and 0 <= row["folding"] < 1 and row["mean_fraction"] > 0
+        assert case["inverse"]["residual_mean_voxels"] < 0.1
+    assert (
+        output.with_suffix(".png").stat().st_size > 10_000
+        and "x fastest peer" in output.read_text()
+    )

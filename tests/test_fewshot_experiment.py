@@ -190,3 +190,94 @@ def test_the_paired_table_tells_a_consistent_gain_from_noise_and_round_trips_run
     assert rows["drdm - bigaug"].rstrip(" |").endswith("yes")
     (tmp_path / "runs.csv").write_text(aggregate.runs_csv(runs))
     assert aggregate.paired_table(aggregate.read_runs_csv(tmp_path / "runs.csv")) == table
+
+
+def _write_volume(folder: Path) -> Path:
+    """A 4-slice volume (the last unlabelled) with ACDC's trap: unit sform scales, the true
+    spacing in pixdim."""
+    import nibabel as nib
+    import numpy as np
+
+    grid = np.stack(np.meshgrid(np.linspace(-1, 1, 24), np.linspace(-1, 1, 20), indexing="ij"))
+    radius = np.sqrt((grid**2).sum(0))
+    label = np.stack(
+        [(radius < r).astype(np.int16) * c for r, c in ((0.3, 1), (0.5, 3), (0.4, 3), (0, 0))], -1
+    )
+    label[..., 1][radius < 0.2] = 2
+    image = (label * 40 + 10).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in (("acdc_patient007_frame01", image), ("acdc_patient007_frame01_gt", label)):
+        nifti = nib.Nifti1Image(data, np.diag([-1.0, -1.0, 1.0, 1.0]))
+        nifti.header.set_zooms((1.5, 1.25, 10.0))
+        nib.save(nifti, folder / f"{name}.nii.gz")
+    return folder / "acdc_patient007_frame01.nii.gz"
+
+
+def test_acdc_study_slices_keep_true_spacing_and_the_design_is_balanced(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    acdc = _load("acdc")
+    volume = _write_volume(tmp_path / "volume")
+    label = volume.with_name("acdc_patient007_frame01_gt.nii.gz")
+    stems = acdc.prepare_slices(volume, label, tmp_path / "slices", 32)
+    assert stems == [f"patient007_frame01_s0{i}" for i in range(3)]  # s03 has no label
+    written = nib.load(tmp_path / "slices" / "patient007_frame01_s01.nii.gz")
+    assert written.shape == (32, 32)
+    assert np.allclose(np.abs(np.diag(written.affine))[:2], [1.5 * 23 / 31, 1.25 * 19 / 31])
+    assert written.affine[2, 3] == 10.0  # the slice's world position
+    image = np.asarray(written.dataobj)
+    assert image.min() == 0 and image.max() == 1
+    labels = np.asarray(nib.load(tmp_path / "slices" / "patient007_frame01_s01_gt.nii.gz").dataobj)
+    assert set(np.unique(labels)) == {0, 2, 3}
+    pool = ["a", "b", "c", "d"]
+    assert [acdc.labelled_slices(pool, 1, s) for s in range(5)] == [
+        ["a"],
+        ["b"],
+        ["c"],
+        ["d"],
+        ["a"],
+    ]
+    pairs = [tuple(acdc.labelled_slices(pool, 2, s)) for s in range(6)]
+    assert len(set(pairs)) == 6
+    with pytest.raises(ValueError, match="larger than the pool"):
+        acdc.labelled_slices(pool, 5, 0)
+
+
+def test_acdc_study_runs_end_to_end_on_a_volume_the_test_writes(tmp_path):
+    """slices -> augment.py pairs of the pool -> one sweep per (n, seed) -> the paper's table."""
+    volume = _write_volume(tmp_path / "volume")
+    command = [
+        sys.executable,
+        str(ROOT / "experiments" / "fewshot" / "acdc.py"),
+        f"--volume={volume}",
+        "--checkpoint=default",
+        "--size=32",
+        "--pool=0",
+        "--val=1",
+        "--test=2",
+        "--n-labelled=1",
+        "--seeds=0",
+        "--strategies=none,drdm_offline",
+        "--samples=2",
+        "--epochs=1",
+        "--jobs=1",
+        f"--work={tmp_path / 'work'}",
+        f"--output={tmp_path / 'results'}",
+        "model.net.channels=[4,8]",
+        "trainer.check_val_every_n_epoch=1",
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = (tmp_path / "work" / "drdm_pairs" / "samples" / "manifest.csv").read_text()
+    rows = manifest.splitlines()[1:]
+    assert len(rows) == 2 and all(r.startswith("patient007_frame01_s00,") for r in rows)
+    runs = list(csv.DictReader(open(tmp_path / "results" / "runs.csv")))
+    assert sorted(r["strategy"] for r in runs) == ["drdm_offline", "none"]
+    config = (
+        tmp_path / "work" / "sweeps" / "n1_seed0" / "1" / ".hydra" / "config.yaml"
+    ).read_text()
+    assert "patient007_frame01_s00" in config and "offline_inputs" in config
+    info = (tmp_path / "results" / "run_info.md").read_text()
+    assert "Total wall time" in info and "for 2 runs" in info and "DRDM pairs" in info

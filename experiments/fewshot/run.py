@@ -139,13 +139,16 @@ def machine() -> str:
 def shown(command: list[str]) -> str:
     """A command as text without this machine's paths (interpreter, checkout)."""
     words = ["python" if word == sys.executable else word for word in command]
-    return shlex.join(words).replace(f"{ROOT}{os.sep}", "")
+    # the checkout first, then what lies beside it (../shared)
+    text = shlex.join(words).replace(f"{ROOT}{os.sep}", "")
+    return text.replace(f"{ROOT.parent}{os.sep}", f"..{os.sep}")
 
 
-def run(command: list[str], log_path: Path) -> float:
-    """Run ``command`` from the repository root with 1 OpenMP thread; return the wall seconds."""
+def run(command: list[str], log_path: Path, threads: int = 1) -> float:
+    """Run ``command`` from the repository root with ``threads`` OpenMP threads; return the wall
+    seconds."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     print("$", shown(command), f"  # log: {log_path}", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:

@@ -1,10 +1,13 @@
 """Offline DRDM augmentation: mix pre-generated image + label pairs (``src/augment.py`` output).
 
-The synthetic pairs are read once from NIfTI files in a folder (searched recursively): every file
-matching ``image_pattern`` is an image and its label is the file whose name has ``image_token``
-replaced by ``label_token``. Images without a label file are skipped (they cannot supervise a
-segmentation). Each pair must have the model's input size (after dropping singleton axes, so a
-2D slice may be stored as ``[H, W]`` or ``[H, W, 1]``).
+The synthetic pairs are read once from NIfTI files in a folder. An output folder of
+``src/augment.py`` is read through its ``manifest.csv`` (``image/``, ``label/``; ``inputs`` may keep
+only the samples of some of its inputs, e.g. the labelled training images of a few-shot run).
+Any other folder is searched recursively: every file matching ``image_pattern`` is an image and
+its label is the file whose name has ``image_token`` replaced by ``label_token``. Images without a
+label file are skipped (they cannot supervise a segmentation). Each pair must have the model's
+input size (after dropping singleton axes, so a 2D slice may be stored as ``[H, W]`` or
+``[H, W, 1]``).
 
 During training ``round(ratio * B)`` pairs drawn at random from this pool are appended to every
 batch of ``B`` real samples, on the training device, exactly like the on-the-fly DRDM transform.
@@ -12,6 +15,8 @@ batch of ``B`` real samples, on the training device, exactly like the on-the-fly
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +36,52 @@ def _load(path: Path) -> np.ndarray:
     return array
 
 
+def manifest_pairs(folder: Path, inputs: Sequence[str] | None) -> list[tuple[Path, Path]]:
+    """(image, label) files listed in ``folder/manifest.csv`` (``src/augment.py``), in its order.
+
+    ``inputs``: keep the samples of these input stems only (``None``: all); an input the manifest
+    does not list is an error, so a misspelt id cannot silently leave a run without its pairs.
+    """
+    with open(folder / "manifest.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    if inputs is not None:
+        wanted = [str(name) for name in inputs]
+        listed = {row["input"] for row in rows}
+        missing = [name for name in wanted if name not in listed]
+        if missing:
+            raise ValueError(
+                f"{folder / 'manifest.csv'} has no samples of inputs {missing} "
+                f"(it lists {sorted(listed)[:10]})"
+            )
+        rows = [row for row in rows if row["input"] in set(wanted)]
+    return [(folder / row["image"], folder / row["label"]) for row in rows if row.get("label")]
+
+
+def pattern_pairs(
+    folder: Path, image_pattern: str, image_token: str, label_token: str
+) -> list[tuple[Path, Path]]:
+    """(image, label) files found by name below ``folder``: label = image name with the token
+    replaced; images without such a label are skipped."""
+    pairs = []
+    for image_path in sorted(folder.rglob(image_pattern)):
+        label_path = image_path.with_name(image_path.name.replace(image_token, label_token))
+        if label_path != image_path and label_path.is_file():
+            pairs.append((image_path, label_path))
+    return pairs
+
+
 class OfflineSyntheticPool:
     """Append pre-generated synthetic pairs from ``folder`` to training batches.
 
     Args:
-        folder: output folder of ``src/augment.py`` (searched recursively).
+        folder: output folder of ``src/augment.py`` (read through its ``manifest.csv``), or any
+            folder of image / label files (searched recursively by name).
         ratio: synthetic pairs appended per real sample of the batch.
-        image_pattern: glob for synthetic image files.
+        image_pattern: glob for synthetic image files (folders without ``manifest.csv``).
         image_token, label_token: label file name = image file name with this substitution.
-        max_pairs: keep at most this many pairs (sorted by path; ``None``: all).
+        max_pairs: keep at most this many pairs (in manifest / path order; ``None``: all).
+        inputs: keep only the samples generated from these input stems (``manifest.csv``
+            folders; ``None``: all).
     """
 
     def __init__(
@@ -50,6 +92,7 @@ class OfflineSyntheticPool:
         image_token: str = "image",
         label_token: str = "label",
         max_pairs: int | None = None,
+        inputs: Sequence[str] | None = None,
     ) -> None:
         if ratio < 0:
             raise ValueError(f"ratio must be >= 0, got {ratio}")
@@ -62,13 +105,19 @@ class OfflineSyntheticPool:
         if not self.folder.is_dir():
             raise FileNotFoundError(f"offline augmentation folder not found: {self.folder}")
         self.ratio = float(ratio)
-        pairs = []
-        for image_path in sorted(self.folder.rglob(image_pattern)):
-            label_path = image_path.with_name(image_path.name.replace(image_token, label_token))
-            if label_path != image_path and label_path.is_file():
-                pairs.append((image_path, label_path))
+        if (self.folder / "manifest.csv").is_file():
+            pairs = manifest_pairs(self.folder, inputs)
+        elif inputs is not None:
+            raise ValueError(
+                f"inputs={list(inputs)} needs the manifest.csv of src/augment.py in {self.folder}"
+            )
+        else:
+            pairs = pattern_pairs(self.folder, image_pattern, image_token, label_token)
         if max_pairs is not None:
             pairs = pairs[: int(max_pairs)]
+        missing = [path for pair in pairs for path in pair if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} files of the pool are missing: {missing[0]}")
         if not pairs:
             raise FileNotFoundError(
                 f"no image/label pairs matching {image_pattern!r} (label: {image_token!r} -> "

@@ -81,6 +81,8 @@ class SubjectDataModule(L.LightningDataModule):
             volumes through ``tio.Queue`` (val/test are centre-cropped/padded to ``image_size``).
         batch_size, num_workers, pin_memory: loader settings; ``eval_batch_size`` defaults to
             ``batch_size``.
+        train_repeats: each training sample appears this many times per epoch, every copy with
+            its own random transforms (few-shot: fill batches from one or two labelled samples).
         persistent_workers: keep the training loader's workers across epochs (faster epochs
             with workers); off by default because a resumed run cannot reproduce the random
             state such workers carry over (random transforms in workers would then differ).
@@ -110,6 +112,7 @@ class SubjectDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        train_repeats: int = 1,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -160,6 +163,9 @@ class SubjectDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
+        if int(train_repeats) < 1:
+            raise ValueError(f"data.train_repeats must be >= 1, got {train_repeats}")
+        self.train_repeats = int(train_repeats)
         self.seed = int(seed)
         self.source_data: SourceData | None = None
         self.splits: dict[str, list[str]] = {}
@@ -232,8 +238,10 @@ class SubjectDataModule(L.LightningDataModule):
         group_split = {g: name for name, groups in self.splits.items() for g in groups}
         samples: dict[str, list[tio.Subject]] = {name: [] for name in SPLITS}
         for subject in data.subjects:
-            name = group_split[str(subject["group"])]
-            samples[name] += self._prepare(subject, training=name == "train")
+            # explicit id lists may leave groups out of every split: those are not used
+            name = group_split.get(str(subject["group"]))
+            if name is not None:
+                samples[name] += self._prepare(subject, training=name == "train")
         for name in SPLITS:
             if not samples[name]:
                 raise ValueError(
@@ -376,7 +384,8 @@ class SubjectDataModule(L.LightningDataModule):
             collate_subjects, ndims=self.ndims, include_label=self.has_labels
         )
         augmentation = self.augmentation if training else None
-        dataset = tio.SubjectsDataset(self.samples[split], transform=augmentation)
+        subjects = self.samples[split] * (self.train_repeats if training else 1)
+        dataset = tio.SubjectsDataset(subjects, transform=augmentation)
         if training and self.patch.get("enabled"):
             # the queue shuffles and loads in its own workers; the outer loader must not
             return self._loader(self._patch_queue(dataset), collate, False, batch_size, 0)

@@ -39,7 +39,8 @@ def split_groups(
             Counts are ``round(ratio * n)`` for val and test, the rest is train.
         seed: permutation seed; the same seed and groups give the same split.
         train_ids, val_ids, test_ids: explicit group lists. When ``val_ids`` or ``test_ids`` is
-            given the ratios are ignored; a missing ``train_ids`` means "all the other groups".
+            given the ratios are ignored; a missing ``train_ids`` means "all the other groups",
+            and with ``train_ids`` given the groups in no list are in no split (left out).
 
     Raises:
         ValueError: unknown or overlapping ids, or a split that leaves train, val or test empty.

@@ -18,7 +18,7 @@ from drdm.deform.metrics import (
 from drdm.deform.sampling import multiscale_noise, upsample_crop
 from drdm.deform.schedule import power_steps
 from drdm.deform.smoothing import gaussian_smooth, repair_folding
-from drdm.deform.spatial import check_displacement, compose, identity_grid, warp
+from drdm.deform.spatial import check_displacement, compose, identity_grid, invert, warp
 from drdm.deform.units import displacement_to_world
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "identity_grid",
     "integrate",
     "integrate_sequential",
+    "invert",
     "inverse_consistency_error",
     "jacobian_determinant",
     "jacobian_matrix",

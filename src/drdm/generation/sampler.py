@@ -48,23 +48,28 @@ SHIPPED_DEFAULTS = {
 }
 
 
-def reference_2d_schedule() -> dict:
-    """``conf/deformation/reference_2d.yaml`` (with its base) as ``RandomDeformation`` arguments:
-    the forward process the authors' 2D checkpoint is loaded with.
+def deformation_config(name: str) -> dict:
+    """``conf/deformation/<name>.yaml`` (with its base) as ``RandomDeformation`` arguments.
 
     Read from the package (``drdm/deformation_configs``, a link to ``conf/deformation`` in the
     checkout, copied into the wheel), so an installed drdm needs no checkout."""
     from drdm.utils.instantiate import load_config
 
-    path = Path(__file__).resolve().parents[1] / "deformation_configs" / "reference_2d.yaml"
+    folder = Path(__file__).resolve().parents[1] / "deformation_configs"
+    path = folder / f"{name}.yaml"
     if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base")
         raise FileNotFoundError(
-            f"the authors' checkpoint is loaded with {path}, which this drdm install lacks; "
-            "reinstall drdm"
+            f"no forward-process config {name!r} in this drdm install ({path}); known: {known}"
         )
     config = dict(load_config(path))
     config.pop("_target_", None)
     return config
+
+
+def reference_2d_schedule() -> dict:
+    """The forward process the authors' 2D checkpoint is loaded with (``reference_2d``)."""
+    return deformation_config("reference_2d")
 
 
 def t0_schedule(num_samples: int, start: int, step: int = 2, every: int = 2) -> list[int]:
@@ -513,7 +518,7 @@ class DRDM:
             for k, t0_k in zip(indices, t0_values):
                 generator = torch.Generator(device=self.device).manual_seed(mix_seed(seed, b, k))
                 t = torch.full((per_input,), t0_k, device=self.device, dtype=torch.long)
-                diffused.append(self.deformation(self.image_size, t, generator=generator)[0])
+                diffused.append(self.deformation.diffused(self.image_size, t, generator=generator))
                 t0_rows.append(t)
                 first_rows.append(start_steps(t, self.timesteps, self.start_step))
                 order.append((b, k, t0_k))

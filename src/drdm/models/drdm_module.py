@@ -307,7 +307,7 @@ class DRDMModule(L.LightningModule):
             t0_value = int(0.6 * self.timesteps)
         t0 = torch.full((1,), min(int(t0_value), self.timesteps - 1), device=image.device)
         generator = self._generator(-2)
-        diffused, _ = self.deformation(tuple(image.shape[2:]), t0, generator=generator)
+        diffused = self.deformation.diffused(tuple(image.shape[2:]), t0, generator=generator)
         network_image = minmax_normalise(image)
         first = start_steps(t0, self.timesteps, self.hparams.figure_start_step)
         displacement = recover(self.inference_net, network_image, diffused, first)

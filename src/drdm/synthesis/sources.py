@@ -242,10 +242,8 @@ class ForwardDiffusionFieldSource(FieldSource):
         self.ndims = self.schedule.ndims
 
     def generate(self, image, t0, generator) -> torch.Tensor:
-        diffused, _ = self.schedule.to(image.device)(
-            tuple(image.shape[2:]), t0, generator=generator
-        )
-        return diffused
+        process = self.schedule.to(image.device)
+        return process.diffused(tuple(image.shape[2:]), t0, generator=generator)
 
 
 class BSplineFieldSource(FieldSource):
