@@ -292,3 +292,25 @@ def test_reference_acdc_sample_loads(reference_dir):
     assert set(labels.unique().tolist()) == {0, 1, 2, 3}
     # cine MRI: blood in the LV cavity (3) is brighter than the myocardium (2)
     assert images[labels == 3].mean() > images[labels == 2].mean() + 0.2
+
+
+def test_explicit_train_ids_leave_other_groups_out_and_repeats_fill_an_epoch(acdc_root):
+    """Single-subject few-shot studies: only the listed groups are used, each training sample
+    appears train_repeats times per epoch."""
+    split = {"train_ids": ["patient001"], "val_ids": ["patient002"], "test_ids": ["patient003"]}
+    once = acdc_module(acdc_root, task="segmentation", split=split, batch_size=4)
+    once.setup()
+    used = {
+        g
+        for name in ("train", "val", "test")
+        for g in groups_of(s["id"] for s in once.samples[name])
+    }
+    assert used == {"patient001", "patient002", "patient003"}
+    repeated = acdc_module(
+        acdc_root, task="segmentation", split=split, batch_size=4, train_repeats=3
+    )
+    ids_once = [i for b in all_batches(once, "train") for i in b["id"]]
+    ids_thrice = [i for b in all_batches(repeated, "train") for i in b["id"]]
+    assert sorted(ids_thrice) == sorted(ids_once * 3)
+    with pytest.raises(ValueError, match="train_repeats"):
+        acdc_module(acdc_root, train_repeats=0)

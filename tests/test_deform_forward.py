@@ -165,3 +165,11 @@ def test_bad_constructor_arguments_raise():
         RandomDeformation(integrator="euler")
     with pytest.raises(ValueError, match="ndims"):
         RandomDeformation(ndims=4)
+
+
+def test_the_diffused_field_alone_is_forwards_first_field():
+    process = RandomDeformation(ndims=2, control_size=16, timesteps=20)
+    t = torch.tensor([3, 17])
+    both, _ = process((24, 20), t, generator=torch.Generator().manual_seed(4))
+    alone = process.diffused((24, 20), t, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(both, alone) and alone.abs().max() > 0

@@ -1,5 +1,6 @@
 """drdm as an installed library: a wheel built from this checkout, installed into a fresh folder
-and used from another folder, loads the packaged model and the authors' ``.pth`` and generates."""
+and used from another folder, loads the packaged model and the authors' ``.pth``, generates and
+runs the TorchIO transforms (the forward-process configs they read are package data)."""
 
 import os
 import subprocess
@@ -22,6 +23,13 @@ authors = DRDM.load(sys.argv[1], sampling_steps=2)
 assert authors.compose_padding == "zeros" and authors.net.displacement_limit == "component"
 out = authors.generate(torch.rand(256, 256), num_samples=1, seed=0)
 assert out.displacement.shape == (1, 2, 256, 256)
+import torchio as tio
+from drdm.transforms import RandomDiffeomorphic, RandomDRDM
+subject = tio.Subject(image=tio.ScalarImage(tensor=torch.rand(1, 64, 64, 1)))
+for transform in (RandomDiffeomorphic(), RandomDRDM("default", options=dict(sampling_steps=2))):
+    deformed = transform(subject)
+    assert deformed["drdm"]["max_mm"] > 0
+    assert deformed.apply_inverse_transform()["drdm"]["inverse_residual_mean"] < 0.05
 print("ok")
 """
 
