@@ -107,7 +107,9 @@ def test_generation_benchmark_quick(benchmarks, tmp_path):
     assert speed_rows[1][8] == "1.00x"  # the second ratio is against the channels-last run
     assert [row[2] for row in speed_rows] == ["0", "0", "0", "16"]  # margins: shipped 0
     # calls: T = 8 in the smoke run, conf/augment.yaml's sampling_steps for the shipped default
-    fallback = benchmarks("generation").shipped_options()[1]
+    fallback = benchmarks("generation").generation_settings(
+        benchmarks("generation").augment_options()
+    )
     shipped_calls = str(min(8, fallback["sampling_steps"]))
     assert [row[3] for row in speed_rows] == ["8", "8", shipped_calls, "5"]
     assert [row[10] for row in speed_rows] == ["no", "no", "yes", "yes"]  # fold repair

@@ -173,3 +173,17 @@ def test_the_diffused_field_alone_is_forwards_first_field():
     both, _ = process((24, 20), t, generator=torch.Generator().manual_seed(4))
     alone = process.diffused((24, 20), t, generator=torch.Generator().manual_seed(4))
     assert torch.equal(both, alone) and alone.abs().max() > 0
+
+
+def test_python_defaults_are_the_config_defaults():
+    """One source of truth: ``RandomDeformation()`` is ``conf/deformation/base.yaml``."""
+    import inspect
+
+    from drdm.utils.instantiate import load_config
+
+    base = dict(load_config(Path(__file__).resolve().parents[1] / "conf/deformation/base.yaml"))
+    assert base.pop("_target_") == "drdm.deform.RandomDeformation"
+    signature = inspect.signature(RandomDeformation).parameters
+    assert set(base) == set(signature)
+    differing = {k: (v, signature[k].default) for k, v in base.items() if signature[k].default != v}
+    assert not differing, differing

@@ -65,7 +65,7 @@ def test_k_rec_powers_are_the_blocks_recovery_over_the_calls():
         assert plan.power[call, 0].item() == pytest.approx(expected)
     # k_rec falls towards t = 0: the last block stands for fewer steps than it has
     assert plan.power[-1, 0] < 8
-    with pytest.raises(ValueError, match="needs the deformation schedule"):
+    with pytest.raises(ValueError, match="needs the forward process"):
         step_plan(torch.tensor([79]), 10, "k_rec")
 
 

@@ -49,36 +49,39 @@ from drdm.deform import (
     displacement_stats,
     folding_ratio,
 )
+from drdm.deform.forward import REFERENCE_V_SCALE
 from drdm.utils.instantiate import load_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deformation.md"
 STEPS = (1, 20, 48, 79)
 CASES = {
-    "2d-256-b1": dict(ndims=2, size=256, batch=1, schedule="reference_2d"),
-    "2d-256-b16": dict(ndims=2, size=256, batch=16, schedule="reference_2d"),
-    "3d-64-b1": dict(ndims=3, size=64, batch=1, schedule="reference_3d"),
-    "3d-128-b1": dict(ndims=3, size=128, batch=1, schedule="reference_3d"),
+    "2d-256-b1": dict(ndims=2, size=256, batch=1, deformation="reference_2d"),
+    "2d-256-b16": dict(ndims=2, size=256, batch=16, deformation="reference_2d"),
+    "3d-64-b1": dict(ndims=3, size=64, batch=1, deformation="reference_3d"),
+    "3d-128-b1": dict(ndims=3, size=128, batch=1, deformation="reference_3d"),
 }
 # smoke-test sizes: a 16-point control grid keeps the loop cheap (overrides of both generators)
 QUICK_CASES = {
     "2d-32-b2": dict(
-        ndims=2, size=32, batch=2, schedule="reference_2d", overrides=dict(control_size=16)
+        ndims=2, size=32, batch=2, deformation="reference_2d", overrides=dict(control_size=16)
     ),
     "3d-16-b1": dict(
-        ndims=3, size=16, batch=1, schedule="reference_3d", overrides=dict(control_size=16)
+        ndims=3, size=16, batch=1, deformation="reference_3d", overrides=dict(control_size=16)
     ),
 }
 
 
 def ours_generator(case: dict) -> RandomDeformation:
-    config = load_config(ROOT / "conf" / "deformation" / f"{case['schedule']}.yaml")
+    config = load_config(ROOT / "conf" / "deformation" / f"{case['deformation']}.yaml")
     return instantiate(config, **case.get("overrides", {}))
 
 
 def reference_generator(case: dict) -> RandomDeformation:
     """The reference's constants (v_scale 4e-5, integration on the control grid)."""
     return RandomDeformation(
-        ndims=case["ndims"], integrator="reference", **case.get("overrides", {})
+        ndims=case["ndims"],
+        integrator="reference",
+        **{"v_scale": REFERENCE_V_SCALE, **case.get("overrides", {})},
     )
 
 
@@ -176,7 +179,7 @@ def folding_sweep(device: str) -> dict[int, list[float]]:
     """Ours' folding (%) at every 8th step, 2D 256^2 (batch 4) and 3D 128^3 (batch 1)."""
     sweep = {}
     for ndims, size, batch in ((2, 256, 4), (3, 128, 1)):
-        rd = ours_generator(dict(ndims=ndims, schedule=f"reference_{ndims}d"))
+        rd = ours_generator(dict(ndims=ndims, deformation=f"reference_{ndims}d"))
         values = []
         for t_value in SWEEP_STEPS:
             t = torch.full((batch,), t_value, dtype=torch.long, device=device)
@@ -195,8 +198,8 @@ def scale_check(device: str) -> list[dict]:
     """
     rows = []
     for ndims, spec in REFERENCE_SCALE.items():
-        schedule = "reference_2d" if ndims == 2 else "reference_3d"
-        case = dict(ndims=ndims, schedule=schedule)
+        name = "reference_2d" if ndims == 2 else "reference_3d"
+        case = dict(ndims=ndims, deformation=name)
         shape = (spec["size"],) * ndims
         for t_value, (reference_folding, reference_mean) in spec["values"].items():
             t = torch.full((spec["batch"],), t_value, dtype=torch.long, device=device)

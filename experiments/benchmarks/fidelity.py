@@ -46,11 +46,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from benchmark_utils import RESULTS_DIR, ROOT, command_line, machine_description, markdown_table
-from generation import DEFAULT_CHECKPOINT, DEFAULT_VOLUME, load_slices, ncc, parse_schedule
-from generation import shipped_options as augment_settings
+from generation import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_VOLUME,
+    augment_options,
+    load_slices,
+    ncc,
+    parse_schedule,
+)
 
 from drdm.deform import folding_ratio, warp
-from drdm.generation import DRDM
+from drdm.generation import DRDM, generation_settings
 from drdm.generation.chain import minmax_normalise
 from drdm.generation.sampler import t0_schedule
 from drdm.metrics.overlap import dice_score
@@ -113,12 +119,11 @@ def drdm_rows(
     also: list[str], former: bool, authors_forward: bool = False
 ) -> list[tuple[str, dict, str | None]]:
     """``(name, DRDM.load options, network displacement_limit or None)`` per drdm row."""
-    options, fallback = augment_settings()
-    shipped = {**fallback, **options}
+    shipped = generation_settings(augment_options())
     rows = [(FULL_CHAIN_ROW, dict(FULL_CHAIN), None)]
     if authors_forward:
         name = "drdm full chain, authors' numerics and forward process (80 calls)"
-        rows.append((name, {**FULL_CHAIN, "schedule": AUTHORS_FORWARD}, None))
+        rows.append((name, {**FULL_CHAIN, "deformation": AUTHORS_FORWARD}, None))
     if former:
         name = "drdm full chain, former numerics (in-image clamp, border, bilinear)"
         rows.append((name, {**FULL_CHAIN, **FORMER_NUMERICS}, "image"))

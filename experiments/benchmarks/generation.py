@@ -64,10 +64,13 @@ from benchmark_utils import (
     timed,
     write_atomic,
 )
+from omegaconf import OmegaConf
 
 from drdm.deform import RandomDeformation
-from drdm.generation import DRDM, SHIPPED_DEFAULTS
+from drdm.deform.forward import REFERENCE_V_SCALE
+from drdm.generation import DRDM, generation_settings
 from drdm.generation.chain import block_starts, start_steps
+from drdm.metrics.overlap import dice_score
 from drdm.nets import RecResACNet
 from drdm.utils.atomic import write_text_atomic
 
@@ -93,27 +96,22 @@ METRICS = ("folding", "max_displacement", "mean_displacement", "dice", "ncc", "f
 
 
 # ---------------------------------------------------------------------------------- inputs
-def shipped_options() -> tuple[dict, dict]:
-    """``conf/augment.yaml``'s ``generation`` settings (``None`` dropped: unset) and the shipped
-    default under them (:data:`drdm.generation.SHIPPED_DEFAULTS`), as every route of
-    ``DRDM.load`` combines them."""
-    from omegaconf import OmegaConf
-
+def augment_options() -> dict:
+    """``conf/augment.yaml``'s ``generation`` settings: what ``src/augment.py`` passes as the
+    caller's (``None``: unset; :func:`drdm.generation.generation_settings` fills the rest)."""
     config = OmegaConf.load(ROOT / "conf" / "augment.yaml")
-    options = OmegaConf.to_container(config.generation)
-    options = {key: value for key, value in options.items() if value is not None}
-    return options, dict(SHIPPED_DEFAULTS)
+    return OmegaConf.to_container(config.generation)
 
 
-def load_model(checkpoint: str, schedule: dict) -> DRDM:
+def load_model(checkpoint: str, deformation: dict) -> DRDM:
     """The shipped ``DRDM.load(checkpoint, ...)``; ``"none"``: a random 32 px RecResACNet."""
-    options, fallback = shipped_options()
+    options = augment_options()
     if checkpoint == "none":
         torch.manual_seed(0)
-        net = RecResACNet(ndims=2, timesteps=schedule["timesteps"])
-        settings = {**fallback, **options}
-        return DRDM(net, RandomDeformation(ndims=2, **schedule), (32, 32), **settings)
-    return DRDM.load(checkpoint, fallback=fallback, **options)
+        net = RecResACNet(ndims=2, timesteps=deformation["timesteps"])
+        settings = generation_settings(options)
+        return DRDM(net, RandomDeformation(ndims=2, **deformation), (32, 32), **settings)
+    return DRDM.load(checkpoint, **options)
 
 
 def load_slices(volume: str, slices: list[int]) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -176,15 +174,10 @@ def parse_schedule(spec: str) -> dict:
 
 # ---------------------------------------------------------------------------------- metrics
 def dice(warped: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Mean Dice over the foreground classes of ``label``, per sample: ``[N, 1, *S]`` -> ``[N]``."""
-    scores = []
-    for value in label.unique().tolist():
-        if value == 0:
-            continue
-        a, b = warped == value, label == value
-        overlap = (a & b).flatten(1).sum(1).float()
-        scores.append(2 * overlap / (a.flatten(1).sum(1) + b.flatten(1).sum(1)).clamp_min(1))
-    return torch.stack(scores).mean(0)
+    """Mean Dice over the foreground classes, per sample: ``[N, 1, *S]`` -> ``[N]`` (classes
+    absent from both a sample and its warp are left out of its mean)."""
+    scores = dice_score(warped, label, num_classes=int(label.max()) + 1)
+    return torch.nanmean(scores, dim=1).float()
 
 
 def ncc(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -250,7 +243,7 @@ def configure(drdm: DRDM, row: dict) -> DRDM:
 
 def run_schedules(args) -> tuple[dict, dict]:
     """The schedules part: its JSON record."""
-    drdm = load_model(args.checkpoint, args.schedule).to(args.device)
+    drdm = load_model(args.checkpoint, args.deformation).to(args.device)
     images, labels, source = load_slices(args.volume, args.slices)
     images, labels = images.to(args.device), labels.to(args.device)
     shipped_batch = drdm.batch_size
@@ -305,7 +298,7 @@ def figure_samples(args, record: dict) -> dict:
     """The figure's samples: ``--figure-slice`` generated with the first row's settings (the
     80-step chain), the pick's and each ``--figure-also`` schedule's, same seeds (the table's
     run batched other companions with them, so these match it up to float rounding)."""
-    drdm = load_model(args.checkpoint, args.schedule).to(args.device)
+    drdm = load_model(args.checkpoint, args.deformation).to(args.device)
     image, label, _ = load_slices(args.volume, [args.figure_slice])
     chosen = pick(record)
     entries = [(record["rows"][0]["name"], record["rows"][0])]
@@ -323,9 +316,11 @@ def figure_samples(args, record: dict) -> dict:
 
 def run_speed(args) -> dict:
     """The speed part: the authors' procedure against the shipped default, same run."""
-    ours = load_model(args.checkpoint, args.schedule).to(args.device)
+    ours = load_model(args.checkpoint, args.deformation).to(args.device)
     authors_fields = RandomDeformation(
-        ndims=2, integrator="reference", **{"timesteps": ours.timesteps, **args.schedule}
+        ndims=2,
+        integrator="reference",
+        **{"timesteps": ours.timesteps, "v_scale": REFERENCE_V_SCALE, **args.deformation},
     )
     # their code: one sample at a time, fp32, the network in PyTorch's default (NCHW) layout;
     # the same procedure on the channels-last network drdm runs shows what the layout alone buys
@@ -343,7 +338,7 @@ def run_speed(args) -> dict:
         model.to(args.device)
     configs.append(("shipped default", ours, False))
     for spec in args.speed_also:  # other schedules on the same network, for comparison
-        other = load_model(args.checkpoint, args.schedule).to(args.device)
+        other = load_model(args.checkpoint, args.deformation).to(args.device)
         row = with_shipped(parse_schedule(spec), other)
         configure(other, {**row, "shipped_batch": other.batch_size})
         configs.append((spec, other, False))
@@ -748,7 +743,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.schedule = {}
+    args.deformation = {}
     args.slices = [int(z) for z in args.slices.split(",")]
     if args.figure_slice is None:
         args.figure_slice = args.slices[len(args.slices) // 2]
@@ -766,7 +761,7 @@ def main(argv: list[str] | None = None) -> None:
         parse_schedule(spec)  # a bad one fails before any work
     if args.quick:
         args.checkpoint, args.volume, args.slices, args.figure_slice = "none", "none", [0], 0
-        args.schedule = dict(timesteps=8, control_size=16, levels=2)
+        args.deformation = dict(timesteps=8, control_size=16, levels=2, v_scale=4e-5)
         args.samples, args.speed_samples, args.figure_samples = 2, 2, 2
         args.speed_repeats = 2
     elif args.checkpoint != "none" and not Path(args.checkpoint).is_file():

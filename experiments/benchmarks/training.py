@@ -49,18 +49,19 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from drdm.deform import RandomDeformation
+from drdm.deform.forward import REFERENCE_V_SCALE
 from drdm.models import DRDMModule
 from drdm.utils.instantiate import load_config
 
-# batch: samples per step of ours; schedule: overrides of both generators (quick runs only)
+# batch: samples per step of ours; deformation: overrides of both generators (quick runs only)
 CASES = {
     "2d-256": dict(ndims=2, size=256, batch=4),
     "3d-32": dict(ndims=3, size=32, batch=2),
     "3d-64": dict(ndims=3, size=64, batch=2),
     "3d-128": dict(ndims=3, size=128, batch=2),
     # smoke-test sizes: small control grid so the reference loop stays cheap
-    "2d-32": dict(ndims=2, size=32, batch=2, schedule=dict(control_size=16, levels=2)),
-    "3d-16": dict(ndims=3, size=16, batch=2, schedule=dict(control_size=16, levels=2)),
+    "2d-32": dict(ndims=2, size=32, batch=2, deformation=dict(control_size=16, levels=2)),
+    "3d-16": dict(ndims=3, size=16, batch=2, deformation=dict(control_size=16, levels=2)),
 }
 DEFAULT_SIZES = {"cuda": ["2d-256", "3d-128"], "cpu": ["2d-256", "3d-32"]}
 QUICK_SIZES = ["2d-32"]
@@ -69,9 +70,11 @@ QUICK_SIZES = ["2d-32"]
 class LoopDeformation(nn.Module):
     """The reference recipe's field generator: one composition per step, full 2x grid."""
 
-    def __init__(self, **schedule) -> None:
+    def __init__(self, **deformation) -> None:
         super().__init__()
-        self.generator = RandomDeformation(integrator="reference", **schedule)
+        self.generator = RandomDeformation(
+            integrator="reference", **{"v_scale": REFERENCE_V_SCALE, **deformation}
+        )
         self.ndims = self.generator.ndims
         self.timesteps = self.generator.timesteps
 
@@ -79,10 +82,10 @@ class LoopDeformation(nn.Module):
         return loop_on_full_grid(self.generator, tuple(shape), t, generator)
 
 
-def schedule_config(case: dict) -> dict:
+def deformation_config(case: dict) -> dict:
     name = "reference_2d" if case["ndims"] == 2 else "reference_3d"
     config = OmegaConf.to_container(load_config(ROOT / "conf" / "deformation" / f"{name}.yaml"))
-    config.update(case.get("schedule", {}))
+    config.update(case.get("deformation", {}))
     return config
 
 
@@ -94,10 +97,10 @@ def net_config(case: dict) -> dict:
 
 def build_module(case: dict, method: str, device: str) -> DRDMModule:
     if method == "reference":
-        overrides = dict(case.get("schedule", {}))
+        overrides = dict(case.get("deformation", {}))
         deformation = LoopDeformation(ndims=case["ndims"], **overrides)
     else:
-        deformation = schedule_config(case)
+        deformation = deformation_config(case)
     module = DRDMModule(
         net=net_config(case),
         deformation=deformation,

@@ -222,7 +222,8 @@ class Diffeomorphic(_FieldTransform):
         scale: velocity scale as a fraction of the field of view (``None``: the config's).
         scale_mm: the same in millimetres, divided by the subject's mean field of view.
         deformation: packaged config name (``"auto"``: ``transform_2d``, reference_2d's process
-            at a tenth of its cost, for 2D subjects; ``reference_3d`` for 3D) or ``RandomDeformation`` arguments.
+            at a tenth of its cost, for 2D subjects; ``reference_3d`` for 3D) or
+            ``RandomDeformation`` arguments.
         image_interpolation: ``linear``, ``bicubic`` (2D) or ``nearest``; labels: nearest.
         record: store the field and its statistics in ``subject["drdm"]``.
         **kwargs: :class:`torchio.transforms.Transform` arguments (``include``, ``exclude``, ...).

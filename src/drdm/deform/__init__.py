@@ -5,7 +5,7 @@ see :mod:`drdm.deform.spatial` for the warp and composition conventions,
 :mod:`drdm.deform.forward` for the DRDM forward process and its scale parameter.
 """
 
-from drdm.deform.flow import integrate, integrate_sequential
+from drdm.deform.flow import exponentiate, integrate, integrate_sequential
 from drdm.deform.forward import RandomDeformation, random_deformation
 from drdm.deform.metrics import (
     displacement_stats,
@@ -27,6 +27,7 @@ __all__ = [
     "compose",
     "displacement_stats",
     "displacement_to_world",
+    "exponentiate",
     "folding_ratio",
     "gaussian_smooth",
     "identity_grid",

@@ -151,3 +151,21 @@ def integrate_sequential(
             composed = compose(velocity, result)
         result = torch.where(active, composed, result)
     return result
+
+
+def exponentiate(velocity: torch.Tensor, squarings: int) -> torch.Tensor:
+    """Scaling and squaring of a stationary velocity: the ``2**squarings``-fold composition of
+    ``x -> x + velocity(x) / 2**squarings`` (diffeomorphic for moderate velocities).
+
+    Args:
+        velocity: ``[B, ndims, *spatial]`` in voxels.
+        squarings: ``k >= 0``; ``0`` returns the velocity itself (one step).
+
+    Returns:
+        ``[B, ndims, *spatial]`` displacement in voxels, differentiable w.r.t. ``velocity``.
+    """
+    if squarings < 0:
+        raise ValueError(f"squarings must be >= 0, got {squarings}")
+    count = 2 ** int(squarings)
+    steps = torch.full((velocity.shape[0],), count, dtype=torch.long, device=velocity.device)
+    return integrate(velocity / count, steps, max_steps=count)

@@ -42,6 +42,9 @@ from drdm.deform.schedule import power_steps, power_steps_bound
 from drdm.deform.spatial import warp
 
 INTEGRATORS = ("squaring", "sequential", "reference")
+# the authors' v_scale, which means this only with integrator="reference" (their unit conversion);
+# the default below is conf/deformation/base.yaml's (tests/test_deform_forward.py checks it)
+REFERENCE_V_SCALE = 4e-5
 
 
 class RandomDeformation(nn.Module):
@@ -68,7 +71,7 @@ class RandomDeformation(nn.Module):
         timesteps: int = 80,
         control_size: int = 64,
         levels: int = 4,
-        v_scale: float = 4e-5,
+        v_scale: float = 8e-5,
         noise_ratio: float = 0.08,
         diffusion_factor: float = 2 / 3,
         diffusion_exponent: float = 1.3,
@@ -250,14 +253,13 @@ class RandomDeformation(nn.Module):
 
 
 def random_deformation(
-    shape, t: torch.Tensor, generator: torch.Generator | None = None, **schedule
+    shape, t: torch.Tensor, generator: torch.Generator | None = None, **deformation
 ) -> torch.Tensor:
     """Diffused displacement ``[B, ndims, *shape]`` (voxels) at steps ``t`` (int ``[B]``).
 
-    ``schedule`` holds any :class:`RandomDeformation` argument (``ndims`` is taken from ``shape``).
+    ``deformation`` holds any :class:`RandomDeformation` argument (``ndims``: from ``shape``).
     """
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) not in (2, 3):
         raise ValueError(f"shape must be a tuple of 2 or 3 ints, got {shape}")
-    schedule.setdefault("ndims", len(shape))
-    diffused, _ = RandomDeformation(**schedule)(shape, t, generator)
-    return diffused
+    deformation.setdefault("ndims", len(shape))
+    return RandomDeformation(**deformation).diffused(shape, t, generator)

@@ -12,12 +12,20 @@ modules use it (never the other way round).
 """
 
 from drdm.generation.chain import recover, step_plan
-from drdm.generation.sampler import DRDM, SHIPPED_DEFAULTS, Generated, mix_seed, t0_schedule
+from drdm.generation.sampler import (
+    DRDM,
+    SHIPPED_DEFAULTS,
+    Generated,
+    generation_settings,
+    mix_seed,
+    t0_schedule,
+)
 
 __all__ = [
     "DRDM",
     "SHIPPED_DEFAULTS",
     "Generated",
+    "generation_settings",
     "mix_seed",
     "recover",
     "step_plan",

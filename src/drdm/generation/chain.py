@@ -126,7 +126,7 @@ def block_powers(first: int, starts: list[int], rule: str, deformation=None) -> 
     if rule == "repeat":
         return [float(start - end) for start, end in zip(starts, ends)]
     if deformation is None:
-        raise ValueError(f"skipped_steps={rule!r} needs the deformation schedule (k_rec, k_diff)")
+        raise ValueError(f"skipped_steps={rule!r} needs the forward process (k_rec, k_diff)")
     t = torch.arange(first + 1)
     k_rec = deformation.recovery_steps(t).double()
     if rule in ("k_rec", "uncorrelated"):
@@ -160,7 +160,7 @@ def step_plan(
         sampling_steps: network calls per chain (``None``: one per step, the method's chain).
         skipped_steps: ``"once"``, ``"repeat"``, ``"k_rec"``, ``"remaining"`` or
             ``"uncorrelated"`` (the last three need ``deformation``).
-        deformation: the forward schedule, with ``recovery_steps`` (``k_rec``) and
+        deformation: the forward process, with ``recovery_steps`` (``k_rec``) and
             ``diffusion_steps`` (``k_diff``), ``t [B] long -> [B] long`` (``RandomDeformation``).
     """
     check_sampling_steps(sampling_steps, skipped_steps)

@@ -67,11 +67,6 @@ def deformation_config(name: str) -> dict:
     return config
 
 
-def reference_2d_schedule() -> dict:
-    """The forward process the authors' 2D checkpoint is loaded with (``reference_2d``)."""
-    return deformation_config("reference_2d")
-
-
 def t0_schedule(num_samples: int, start: int, step: int = 2, every: int = 2) -> list[int]:
     """``t0`` of sample ``k``: ``start + step * (k // every)`` (reference: 48, +2 every 2 in 2D).
 
@@ -179,8 +174,23 @@ def _set_options(options: dict) -> dict:
     return {key: value for key, value in options.items() if value is not None}
 
 
+def generation_settings(
+    caller: dict | None = None, checkpoint: dict | None = None, fallback: dict | None = None
+) -> dict:
+    """The one precedence of generation settings, on every route: what the ``caller`` set, over
+    what the ``checkpoint`` says (a ``.ckpt``'s recommendation, the authors' numerics for their
+    ``.pth``), over ``fallback`` (``None``: :data:`SHIPPED_DEFAULTS`), over the :class:`DRDM`
+    defaults. ``None`` values mean "not set" at every level."""
+    fallback = SHIPPED_DEFAULTS if fallback is None else fallback
+    return {
+        **_set_options(fallback),
+        **_set_options(checkpoint or {}),
+        **_set_options(caller or {}),
+    }
+
+
 class DRDM:
-    """A trained recovery network with its deformation schedule, ready to generate samples.
+    """A trained recovery network with its forward process, ready to generate samples.
 
     Args:
         net: ``net(image [B,1,*M], t [B]) -> [B, ndims, *M]`` voxels.
@@ -326,16 +336,17 @@ class DRDM:
         path: str | Path,
         map_location: str = "cpu",
         use_ema: bool = True,
-        schedule: dict | None = None,
+        deformation: dict | None = None,
         fallback: dict | None = None,
         **options,
     ):
         """Load a Lightning ``.ckpt`` (DRDMModule) or the authors' ``.pth`` (2D, 256 x 256);
         ``"default"`` is the packaged model for the embedded data (:mod:`drdm.pretrained`).
 
-        ``schedule``: ``RandomDeformation`` arguments overriding the forward process of a ``.pth``
-        (a ``.ckpt`` keeps the schedule it was trained with). ``options`` are :class:`DRDM`
-        arguments (``interpolation``, ``t0_start``, ...). Each setting comes from, first to last:
+        ``deformation``: ``RandomDeformation`` arguments overriding the forward process of a
+        ``.pth`` (a ``.ckpt`` keeps the forward process it was trained with). ``options`` are
+        :class:`DRDM` arguments (``interpolation``, ``t0_start``, ...). Each setting comes from,
+        first to last (:func:`generation_settings`):
         ``options`` (``None``: unset), what the checkpoint says (a ``.ckpt``'s recommended
         ``generation_defaults``, e.g. the packaged model's ``t0_start=24``, ``start_step="t0"``,
         ``sampling_steps="all"``; the authors' chain numerics for their ``.pth``), ``fallback``
@@ -348,7 +359,6 @@ class DRDM:
         """
         from drdm.pretrained import resolve_checkpoint
 
-        fallback = SHIPPED_DEFAULTS if fallback is None else fallback
         path = resolve_checkpoint(path)
         if not path.is_file():
             raise FileNotFoundError(f"DRDM checkpoint not found: {path}")
@@ -356,15 +366,10 @@ class DRDM:
             net, deformation, hparams, recommended = _from_lightning_checkpoint(
                 path, map_location, use_ema
             )
-            # the caller's settings over the checkpoint's recommendation over the fallback
             trained = {"chain_interpolation": _chain_mode(hparams.get("warp_mode"))}
-            options = {
-                **_set_options(fallback or {}),
-                **_set_options(trained),
-                **recommended,
-                **_set_options(options),
-            }
-            return cls(net, deformation, hparams["image_size"], **options)
+            checkpoint = {**_set_options(trained), **recommended}
+            settings = generation_settings(options, checkpoint, fallback)
+            return cls(net, deformation, hparams["image_size"], **settings)
         if path.suffix in (".pth", ".pt"):
             from drdm.deform import RandomDeformation
             from drdm.nets import load_reference_checkpoint
@@ -372,15 +377,15 @@ class DRDM:
             net = load_reference_checkpoint(path, map_location=map_location)
             # The authors' schedule at their 256 x 256 training size, on drdm's integrator with the
             # scale calibrated to theirs (conf/deformation/reference_2d.yaml): the same magnitudes
-            # without the folding of their forward fields. schedule={"integrator": "reference",
+            # without the folding of their forward fields. deformation={"integrator": "reference",
             # "v_scale": 4e-5, "refinement": 1} reproduces their numerics exactly.
-            settings = {**reference_2d_schedule(), **(schedule or {})}
+            settings = {**deformation_config("reference_2d"), **(deformation or {})}
             settings.update(ndims=net.ndims, timesteps=net.timesteps)
             deformation = RandomDeformation(**settings)
             # the authors' chain numerics (their config: padding_mode zeros, resample_mode bicubic)
             authors = {"compose_padding": "zeros", "chain_interpolation": "bicubic"}
-            options = {**_set_options(fallback or {}), **authors, **_set_options(options)}
-            return cls(net, deformation, (256,) * net.ndims, **options)
+            settings = generation_settings(options, authors, fallback)
+            return cls(net, deformation, (256,) * net.ndims, **settings)
         raise ValueError(f"{path}: expected a Lightning .ckpt or the authors' .pth state_dict")
 
     def to(self, device: str | torch.device) -> DRDM:

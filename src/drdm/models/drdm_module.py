@@ -42,11 +42,13 @@ def _timesteps_of(deformation: torch.nn.Module, net: torch.nn.Module) -> int:
         value = getattr(owner, "timesteps", None)
         if value is not None:
             return int(value)
-    raise ValueError("neither the deformation schedule nor the net has a 'timesteps' attribute")
+    raise ValueError(
+        "neither the forward process (deformation) nor the net has a 'timesteps' attribute"
+    )
 
 
 def _check_parts(net: torch.nn.Module, deformation: torch.nn.Module, ndims: int, steps: int):
-    """The net, the schedule and the data must agree on ndims and T (a silent mismatch trains
+    """The net, the forward process and the data must agree on ndims and T (a silent mismatch trains
     on garbage)."""
     for name, part in (("net", net), ("deformation", deformation)):
         part_ndims = getattr(part, "ndims", ndims)
@@ -54,7 +56,9 @@ def _check_parts(net: torch.nn.Module, deformation: torch.nn.Module, ndims: int,
             raise ValueError(f"{name}.ndims={part_ndims} but the model has ndims={ndims}")
         part_steps = getattr(part, "timesteps", steps)
         if part_steps != steps:
-            raise ValueError(f"{name}.timesteps={part_steps} but the schedule has T={steps}")
+            raise ValueError(
+                f"{name}.timesteps={part_steps} but the forward process (deformation) has T={steps}"
+            )
 
 
 # validation figures averaged over the set (``val/<name>``), weighted by batch size

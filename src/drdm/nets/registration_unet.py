@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drdm.deform import exponentiate
+
 
 def _conv(ndims: int):
     return nn.Conv2d if ndims == 2 else nn.Conv3d
@@ -110,10 +112,5 @@ class RegistrationUNet(nn.Module):
             features = block(features)
         field = self.flow(features)
         if self.integration_steps:
-            from drdm.deform import integrate
-
-            # scaling and squaring: 2^k compositions of the map x -> x + v / 2^k
-            count = 2**self.integration_steps
-            steps = torch.full((field.shape[0],), count, dtype=torch.long, device=field.device)
-            field = integrate(field / count, steps, max_steps=count)
+            field = exponentiate(field, self.integration_steps)
         return field

@@ -52,8 +52,8 @@ def export_checkpoint(
 ) -> Path:
     """Write a slim copy of a ``DRDMModule`` checkpoint for shipping or sharing.
 
-    Keeps the hyper-parameters (the net and schedule configs rebuild the model) and one set of
-    network weights (the EMA copy when ``use_ema`` and the run kept one), stored as the
+    Keeps the hyper-parameters (the net and forward-process configs rebuild the model) and one set
+    of network weights (the EMA copy when ``use_ema`` and the run kept one), stored as the
     module's ``net`` with EMA off; drops optimiser, scheduler and loop states.
     ``generation_defaults`` (:class:`drdm.generation.DRDM` arguments, e.g. ``t0_start``,
     ``start_step``) are stored for ``DRDM.load`` to use where its caller sets nothing. The

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from drdm.deform import exponentiate
+
 
 def cubic_bspline(x: torch.Tensor) -> torch.Tensor:
     """Centred cubic B-spline basis ``B3(x)`` (support ``|x| < 2``, partition of unity)."""
@@ -125,10 +127,5 @@ class MultiResolutionBSpline(nn.Module):
                 control = control * amplitude
             field = field + evaluate_bspline(control, shape)
         if self.integration_steps:
-            from drdm.deform import integrate
-
-            # scaling and squaring: 2^k compositions of the map x -> x + v / 2^k
-            count = 2**self.integration_steps
-            steps = torch.full((field.shape[0],), count, dtype=torch.long, device=field.device)
-            field = integrate(field / count, steps, max_steps=count)
+            field = exponentiate(field, self.integration_steps)
         return field

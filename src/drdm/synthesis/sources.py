@@ -229,20 +229,22 @@ class ForwardDiffusionFieldSource(FieldSource):
     """The forward process only: a ``RandomDeformation`` field at step ``t0`` (no recovery).
 
     Args:
-        schedule: a ``drdm.deform.RandomDeformation`` (or its Hydra config), the schedule of the
-            DRDM it stands in for.
+        deformation: a ``drdm.deform.RandomDeformation`` (or its Hydra config), the forward
+            process of the DRDM it stands in for.
         t0, fields_per_image: as :class:`DRDMFieldSource`.
     """
 
-    def __init__(self, schedule, t0: int | Sequence[int] = 48, fields_per_image: int = 0) -> None:
+    def __init__(
+        self, deformation, t0: int | Sequence[int] = 48, fields_per_image: int = 0
+    ) -> None:
         from drdm.utils.instantiate import build
 
         super().__init__(t0, fields_per_image)
-        self.schedule = build(schedule)
-        self.ndims = self.schedule.ndims
+        self.deformation = build(deformation)
+        self.ndims = self.deformation.ndims
 
     def generate(self, image, t0, generator) -> torch.Tensor:
-        process = self.schedule.to(image.device)
+        process = self.deformation.to(image.device)
         return process.diffused(tuple(image.shape[2:]), t0, generator=generator)
 
 

@@ -1,6 +1,6 @@
 """Build objects from Hydra-style configs (``_target_``) or pass through ready-made objects.
 
-Modules take *configs* for their parts (net, deformation schedule, optimizer) so that
+Modules take *configs* for their parts (net, forward process, optimizer) so that
 ``save_hyperparameters`` stores plain dicts and a checkpoint alone can rebuild the model.
 """
 
