@@ -34,12 +34,12 @@ from omegaconf import DictConfig
 # outputs go to <checkout>/logs wherever the script is started from (conf/paths/default.yaml)
 os.environ.setdefault("DRDM_ROOT", str(Path(__file__).resolve().parents[1]))
 
+from drdm.checkpoints import read_lightning_checkpoint  # noqa: E402
 from drdm.data.io import save_nifti  # noqa: E402
 from drdm.deform import warp  # noqa: E402
 from drdm.fields import write_displacement_field  # noqa: E402
 from drdm.metrics.registration import PAIR_METRICS, pair_metrics  # noqa: E402
 from drdm.models.registration import RegistrationModule  # noqa: E402
-from drdm.nets.checkpoint import read_lightning_checkpoint  # noqa: E402
 from drdm.training import check_run_config, register_resolvers  # noqa: E402
 from drdm.utils.atomic import write_csv_atomic  # noqa: E402
 from drdm.utils.errors import report_user_errors  # noqa: E402

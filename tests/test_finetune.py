@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_train import compose_train
 
-from drdm.nets import RecResACNet, initialise_from, load_reference_checkpoint
+from drdm.checkpoints import initialise_from, load_reference_checkpoint
+from drdm.nets import RecResACNet
 from drdm.training import train
 
 CHECKPOINT = "cmr_recresacnet_reference.pth"

@@ -10,15 +10,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from drdm.checkpoints import load_reference_checkpoint
 from drdm.deform import RandomDeformation, identity_grid, warp
 from drdm.deform import compose as compose_fields
-from drdm.nets import (
-    RecResACNet,
-    UNet,
-    clamp_to_image,
-    load_reference_checkpoint,
-    sinusoidal_table,
-)
+from drdm.nets import RecResACNet, UNet, clamp_to_image, sinusoidal_table
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CHECKPOINT = "cmr_recresacnet_reference.pth"

@@ -12,10 +12,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from drdm.checkpoints import export_checkpoint, resolve_checkpoint
 from drdm.generation import DRDM
 from drdm.metrics.recovery import evaluate_recovery, fixed_validation_fields
 from drdm.models import DRDMModule
-from drdm.pretrained import DEFAULT_MODEL, export_checkpoint, resolve_checkpoint
+from drdm.pretrained import DEFAULT_MODEL
 from drdm.utils.instantiate import build
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from conftest import REFERENCE_DIR
 
+from drdm.checkpoints import load_reference_checkpoint
 from drdm.generation.chain import recover
-from drdm.nets import load_reference_checkpoint
 
 REFERENCE_CODE = REFERENCE_DIR.parent.parent / "reference" / "def_diff_rec"
 BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = str(find_checkpoint(drdm_dir).resolve())
         lines.append(f"- DRDM training ({seconds / 60:.1f} min): `{shown(command)}`")
     elif needs_drdm:
-        from drdm.pretrained import resolve_checkpoint
+        from drdm.checkpoints import resolve_checkpoint
 
         if not resolve_checkpoint(args.drdm_ckpt).is_file():
             raise FileNotFoundError(f"--drdm-ckpt: no such file {args.drdm_ckpt}")

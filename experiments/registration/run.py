@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> Path:
         drdm_future = None
         drdm_checkpoint = None if args.train_drdm else args.drdm_ckpt
         if needs_drdm and drdm_checkpoint is not None:
-            from drdm.pretrained import resolve_checkpoint
+            from drdm.checkpoints import resolve_checkpoint
 
             if not resolve_checkpoint(drdm_checkpoint).is_file():
                 raise FileNotFoundError(f"--drdm-ckpt: no such file {drdm_checkpoint}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from drdm.deform.metrics import jacobian_determinant
 from drdm.deform.spatial import check_displacement
 
 
@@ -109,8 +110,6 @@ def smoothness_l1(displacement: torch.Tensor, dead_zone: float = 1e-4) -> torch.
 def negative_jacobian_penalty(displacement: torch.Tensor) -> torch.Tensor:
     """``mean(relu(-det J))`` with ``J = I + grad(u)`` (the true determinant): scalar >= 0."""
     # imported here so that `drdm.losses` can be imported before the metrics module exists
-    from drdm.deform import jacobian_determinant
-
     return F.relu(-jacobian_determinant(displacement)).mean()
 
 

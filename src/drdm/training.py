@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from drdm.checkpoints import read_lightning_checkpoint
 from drdm.data.sampling import GLOBAL_STREAM
-from drdm.nets.checkpoint import read_lightning_checkpoint
 from drdm.utils.instantiate import build
 from drdm.utils.seeds import mix_seed
 
@@ -441,7 +441,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         # wandb keeps a process alive until told the run is over
         if type(logger).__name__ == "WandbLogger":
-            import wandb
+            import wandb  # only with a wandb logger: importing it costs about a second
 
             wandb.finish()
     return {

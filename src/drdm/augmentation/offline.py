@@ -23,11 +23,10 @@ import numpy as np
 import torch
 
 from drdm.augmentation.drdm_batch import append_metadata
+from drdm.data.io import load_nifti
 
 
 def _load(path: Path) -> np.ndarray:
-    from drdm.data.io import load_nifti  # the project's NIfTI reader (clear errors)
-
     array, _ = load_nifti(path)
     array = np.asarray(array)
     # drop trailing singleton axes (2D slices stored as [H, W, 1])

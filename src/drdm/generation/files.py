@@ -38,6 +38,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from drdm.checkpoints import resolve_checkpoint
 from drdm.data.io import (
     check_label_values,
     check_same_geometry,
@@ -49,7 +50,6 @@ from drdm.data.io import (
 from drdm.deform import displacement_to_world
 from drdm.fields import write_displacement_field
 from drdm.generation.sampler import DRDM, mix_seed
-from drdm.pretrained import resolve_checkpoint
 from drdm.utils.atomic import remove_temporaries, write_csv_atomic, write_json_atomic
 from drdm.utils.progress import progress_bar
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from drdm.checkpoints import load_reference_checkpoint, rebuild_drdm, resolve_checkpoint
+from drdm.deform import RandomDeformation, folding_ratio
 from drdm.deform.smoothing import check_repair_options, repair_folding
 from drdm.deform.spatial import warp
 from drdm.generation.chain import check_sampling_steps, minmax_normalise, recover, start_steps
@@ -53,6 +55,8 @@ def deformation_config(name: str) -> dict:
 
     Read from the package (``drdm/deformation_configs``, a link to ``conf/deformation`` in the
     checkout, copied into the wheel), so an installed drdm needs no checkout."""
+    # OmegaConf resolves the config's defaults list: imported here so that drdm.generation.chain
+    # imports without it (tests/test_layers.py)
     from drdm.utils.instantiate import load_config
 
     folder = Path(__file__).resolve().parents[1] / "deformation_configs"
@@ -126,26 +130,6 @@ def resize_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         return image
     mode = "bilinear" if len(shape) == 2 else "trilinear"
     return F.interpolate(image, size=shape, mode=mode, align_corners=True)
-
-
-def _from_lightning_checkpoint(path: Path, map_location, use_ema: bool):
-    """``(net, deformation, hyper-parameters, generation defaults)`` of a ``DRDMModule``
-    checkpoint, rebuilt from the configs it stores (no LightningModule involved)."""
-    from drdm.nets.checkpoint import _load_strictly, network_state, read_lightning_checkpoint
-    from drdm.utils.instantiate import build
-
-    checkpoint = read_lightning_checkpoint(path, map_location)
-    hparams = checkpoint.get("hyper_parameters") or {}
-    missing = [key for key in ("net", "deformation", "image_size") if not hparams.get(key)]
-    if missing:
-        raise ValueError(
-            f"{path}: not a DRDMModule checkpoint (its hyper-parameters lack {missing}; "
-            "modules built from objects, not configs, cannot be rebuilt from a file)"
-        )
-    net = build(hparams["net"])
-    _load_strictly(net, network_state(path, checkpoint, use_ema), path)
-    deformation = build(hparams["deformation"])
-    return net.eval(), deformation, hparams, dict(checkpoint.get("generation_defaults") or {})
 
 
 def resolve_margin(margin: int | float | None, image_size: Sequence[int]) -> int:
@@ -357,23 +341,16 @@ class DRDM:
             FileNotFoundError: no file at ``path``.
             ValueError: a ``.ckpt`` without DRDMModule hyper-parameters, or an unknown suffix.
         """
-        from drdm.pretrained import resolve_checkpoint
-
         path = resolve_checkpoint(path)
         if not path.is_file():
             raise FileNotFoundError(f"DRDM checkpoint not found: {path}")
         if path.suffix == ".ckpt":
-            net, deformation, hparams, recommended = _from_lightning_checkpoint(
-                path, map_location, use_ema
-            )
+            net, deformation, hparams, recommended = rebuild_drdm(path, map_location, use_ema)
             trained = {"chain_interpolation": _chain_mode(hparams.get("warp_mode"))}
             checkpoint = {**_set_options(trained), **recommended}
             settings = generation_settings(options, checkpoint, fallback)
             return cls(net, deformation, hparams["image_size"], **settings)
         if path.suffix in (".pth", ".pt"):
-            from drdm.deform import RandomDeformation
-            from drdm.nets import load_reference_checkpoint
-
             net = load_reference_checkpoint(path, map_location=map_location)
             # The authors' schedule at their 256 x 256 training size, on drdm's integrator with the
             # scale calibrated to theirs (conf/deformation/reference_2d.yaml): the same magnitudes
@@ -575,8 +552,6 @@ class DRDM:
 
     def _assemble(self, batch, label_batch, fields, order, per_input, slice_mode, slice_axis):
         """Native-grid fields, warped images / labels and statistics for every sample."""
-        from drdm.deform import folding_ratio
-
         native = tuple(batch.shape[2:])
         images, labels, displacements, foldings, repaired = [], [], [], [], []
         for row, (b, _, _) in enumerate(order):

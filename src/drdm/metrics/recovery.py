@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from drdm.deform import folding_ratio
+from drdm.deform.spatial import warp
+
 
 def recovery_sums(recovered: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per-sample ``(sum_x |q + d|^2, sum_x |d|^2)``, each ``[B]``."""
@@ -71,8 +74,6 @@ def fixed_validation_fields(
         ``(deformed [M, 1, *S], t [M], target [M, ndims, *S])`` with
         ``M = N * fields_per_image``: the input of the network and its recovery target.
     """
-    from drdm.deform.spatial import warp
-
     images = images.float().repeat_interleave(fields_per_image, dim=0)
     t = torch.linspace(0, deformation.timesteps - 1, images.shape[0]).round().long()
     generator = torch.Generator().manual_seed(seed)
@@ -83,9 +84,6 @@ def fixed_validation_fields(
 @torch.no_grad()
 def evaluate_recovery(net, deformed, t, target, batch_size: int = 16) -> dict[str, float]:
     """``{"recovery_error", "folding_ratio"}`` of ``net`` on fixed fields (eval mode inside)."""
-    from drdm.deform import folding_ratio
-    from drdm.deform.spatial import warp
-
     was_training = net.training
     net.eval()
     metric, folded, voxels = RecoveryError().to(deformed.device), 0.0, 0

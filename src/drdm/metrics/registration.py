@@ -16,7 +16,10 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from drdm.deform import folding_ratio, sd_log_jacobian
 from drdm.deform.spatial import check_displacement, warp
+from drdm.metrics.overlap import dice_score
+from drdm.metrics.surface import average_surface_distance, hausdorff_distance_95
 
 
 def _spacing_tensor(
@@ -134,8 +137,6 @@ def _label_metrics(
     num_classes: int | None,
 ) -> dict[str, torch.Tensor]:
     """Dice / HD95 / ASD ``[B]`` of the warped moving label (NaN for unlabelled samples)."""
-    from drdm.metrics import average_surface_distance, dice_score, hausdorff_distance_95
-
     batch_size = displacement.shape[0]
     keep = labelled.to(displacement.device).nonzero().flatten()
     values = {
@@ -181,8 +182,6 @@ def pair_metrics(
     Always reports ``folding_ratio`` (fraction of voxels with ``det J <= 0``) and
     ``sd_log_jacobian``. Values that cannot be computed for a sample are NaN.
     """
-    from drdm.deform import folding_ratio, sd_log_jacobian
-
     check_displacement(displacement)
     spacing = batch.get("spacing")
     if spacing is not None:

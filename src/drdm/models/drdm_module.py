@@ -24,6 +24,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from drdm.checkpoints import initialise_from, resolve_checkpoint, upgrade_ema_layout
+from drdm.deform import folding_ratio, jacobian_determinant
 from drdm.deform.spatial import warp
 from drdm.generation.chain import minmax_normalise, recover, start_steps
 from drdm.losses import DRDMLoss
@@ -31,6 +33,7 @@ from drdm.metrics.mean import WeightedMean
 from drdm.metrics.recovery import RecoveryError
 from drdm.models.ema import WarmedUpEMA, check_decay
 from drdm.models.optim import ADAM, check_interval, configure
+from drdm.utils.figures import log_image, recovery_figure
 from drdm.utils.instantiate import build, to_plain
 from drdm.utils.seeds import mix_seed
 
@@ -221,9 +224,6 @@ class DRDMModule(L.LightningModule):
         # the weights as restored), and Lightning restores a resumed run's weights after setup
         path = self.hparams.get("init_weights")
         if path and not self._weights_restored:
-            from drdm.nets import initialise_from
-            from drdm.pretrained import resolve_checkpoint
-
             # the EMA copies these weights on its first update (AveragedModel does)
             initialise_from(self.net, resolve_checkpoint(path))
             log.info("recovery network initialised from %s", path)
@@ -231,10 +231,8 @@ class DRDMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._weights_restored = True
-        from drdm.nets.checkpoint import upgrade_ema_layout
-
         upgrade_ema_layout(checkpoint)
-        # generation settings a shipped checkpoint recommends (drdm.pretrained.export_checkpoint)
+        # generation settings a shipped checkpoint recommends (drdm.checkpoints.export_checkpoint)
         self.generation_defaults = dict(checkpoint.get("generation_defaults") or {})
 
     def forward(self, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -259,8 +257,6 @@ class DRDMModule(L.LightningModule):
 
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
         # deformation.metrics arrive with the deformation core; imported here on purpose
-        from drdm.deform import folding_ratio
-
         image = self._check_batch(batch)
         # fixed per batch index: every validation sees the same t and fields
         generator = self._generator(batch_idx, -1)
@@ -303,9 +299,6 @@ class DRDMModule(L.LightningModule):
     def _log_figure(self, image: torch.Tensor, recovery_error: float | None = None) -> None:
         """Generate one sample from ``image`` ``[1, 1, *S]``, save a PNG, hand it to the logger;
         the title gives ``recovery_error`` (the validation set's, 1 = nothing recovered)."""
-        from drdm.deform import jacobian_determinant
-        from drdm.utils.figures import log_image, recovery_figure
-
         t0_value = self.hparams.figure_t0
         if t0_value is None:
             t0_value = int(0.6 * self.timesteps)

@@ -31,7 +31,7 @@ from torch import nn
 from drdm.deform import warp
 from drdm.losses import gradient_smoothness, local_ncc
 from drdm.metrics.mean import WeightedMean
-from drdm.metrics.registration import PAIR_METRICS
+from drdm.metrics.registration import PAIR_METRICS, pair_metrics
 from drdm.models.optim import ADAM, check_interval, configure
 from drdm.synthesis.pairs import make_pair
 from drdm.utils.instantiate import build, to_plain
@@ -195,8 +195,6 @@ class RegistrationModule(L.LightningModule):
 
     # -------------------------------------------------------------- evaluation
     def _evaluate(self, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from drdm.metrics.registration import pair_metrics
-
         moving, fixed = _require(batch, "moving"), _require(batch, "fixed")
         displacement = self.net(moving, fixed)
         metrics = pair_metrics(displacement, batch, num_classes=self.hparams.num_classes)

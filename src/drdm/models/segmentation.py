@@ -31,6 +31,7 @@ from drdm.losses import soft_dice_loss
 from drdm.metrics.collection import METRIC_NAMES, SegmentationScores
 from drdm.models.optim import ADAMW, check_interval, configure
 from drdm.utils.atomic import save_figure_atomic, write_json_atomic
+from drdm.utils.figures import log_image, prediction_figure
 from drdm.utils.instantiate import build, to_plain
 
 
@@ -249,9 +250,7 @@ class SegmentationModule(L.LightningModule):
 
     def _log_figure(self) -> None:
         """Save the prediction figure as a PNG beside the run and hand it to the loggers."""
-        import matplotlib.pyplot as plt
-
-        from drdm.utils.figures import log_image, prediction_figure
+        import matplotlib.pyplot as plt  # figures only (drdm.utils.figures set the backend)
 
         figure = prediction_figure(**self._figure_batch, class_names=self.class_names)
         name = f"predictions_epoch{self.current_epoch + 1:03d}.png"

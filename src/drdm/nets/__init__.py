@@ -5,13 +5,12 @@ inside the image, refine recursively (``recursions`` passes composed with
 :func:`drdm.deform.compose`) and expose ``net.timesteps``.
 
 * :class:`RecResACNet` -- the authors' atrous residual U-Net; its parameter names match their 2D
-  cardiac checkpoint, loaded with :func:`load_reference_checkpoint`.
+  cardiac checkpoint, loaded with :func:`drdm.checkpoints.load_reference_checkpoint`.
 * :class:`UNet` -- a wider alternative (GroupNorm, SiLU, FiLM step conditioning).
 
 Hydra configs: ``conf/net/recresacnet.yaml``, ``conf/net/unet.yaml``.
 """
 
-from drdm.nets.checkpoint import initialise_from, load_reference_checkpoint
 from drdm.nets.embedding import FrozenStepEmbedding, sinusoidal_table
 from drdm.nets.recovery import RecoveryNet, clamp_to_image
 from drdm.nets.recresacnet import AtrousResidualBlock, RecResACNet
@@ -24,7 +23,5 @@ __all__ = [
     "RecoveryNet",
     "UNet",
     "clamp_to_image",
-    "initialise_from",
-    "load_reference_checkpoint",
     "sinusoidal_table",
 ]

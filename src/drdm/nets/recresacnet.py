@@ -12,7 +12,8 @@ Layout (``c1, c2, c3 = channels``, default 10/20/40; ``S`` the input size, divis
     conv_out (3^n)                                              [B,ndims,S] raw field
 
 Encoder and bottleneck blocks use InstanceNorm, decoder blocks do not. Parameter names match the
-authors' 2D cardiac checkpoint exactly (see :func:`drdm.nets.load_reference_checkpoint`); its raw
+authors' 2D cardiac checkpoint exactly (see
+:func:`drdm.checkpoints.load_reference_checkpoint`); its raw
 output is in fractions of the image size, converted to voxels by :class:`RecoveryNet`.
 """
 

@@ -41,8 +41,11 @@ from pathlib import Path
 
 import torch
 
+from drdm.checkpoints import resolve_checkpoint
 from drdm.deform import gaussian_smooth, integrate
+from drdm.generation import DRDM
 from drdm.synthesis.bspline import MultiResolutionBSpline
+from drdm.utils.instantiate import build
 
 
 class FieldSource:
@@ -185,8 +188,6 @@ class DRDMFieldSource(FieldSource):
                 "(model.field_sources.synthetic_drdm.checkpoint=path/to/drdm.ckpt for "
                 "registration, drdm_checkpoint=path/to/drdm.ckpt for the drdm augmentation)"
             )
-        from drdm.pretrained import resolve_checkpoint
-
         super().__init__(t0, fields_per_image)
         self.checkpoint = resolve_checkpoint(checkpoint)
         if not self.checkpoint.is_file():
@@ -196,8 +197,6 @@ class DRDMFieldSource(FieldSource):
 
     def _model(self, device: torch.device):
         if self._drdm is None:
-            from drdm.generation import DRDM  # imported lazily: only this source needs it
-
             self._drdm = DRDM.load(self.checkpoint, **self.options)
             for parameter in self._drdm.net.parameters():
                 parameter.requires_grad_(False)
@@ -237,8 +236,6 @@ class ForwardDiffusionFieldSource(FieldSource):
     def __init__(
         self, deformation, t0: int | Sequence[int] = 48, fields_per_image: int = 0
     ) -> None:
-        from drdm.utils.instantiate import build
-
         super().__init__(t0, fields_per_image)
         self.deformation = build(deformation)
         self.ndims = self.deformation.ndims

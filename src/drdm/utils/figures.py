@@ -93,7 +93,7 @@ def log_image(loggers: list, key: str, path: Path, step: int) -> None:
         if name == "WandbLogger":
             logger.log_image(key=key, images=[str(path)], step=step)
         elif name == "TensorBoardLogger":
-            import matplotlib.image
+            import matplotlib.image  # the TensorBoard route only
 
             pixels = matplotlib.image.imread(str(path))[..., :3]
             logger.experiment.add_image(key, pixels, global_step=step, dataformats="HWC")

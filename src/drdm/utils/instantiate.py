@@ -6,6 +6,7 @@ Modules take *configs* for their parts (net, forward process, optimizer) so that
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,6 @@ def load_config(path: str | Path) -> DictConfig:
 def config_dir() -> Path:
     """The ``conf/`` folder of the checkout this package runs from, else ``$DRDM_ROOT/conf``
     (``DRDM_ROOT`` also moves ``logs/``, so it is only the fallback)."""
-    import os
-
     checkout = Path(__file__).resolve().parents[3] / "conf"
     if checkout.is_dir() or not os.environ.get("DRDM_ROOT"):
         return checkout

@@ -1,18 +1,30 @@
-"""Load the authors' RecResACNet weights (a plain ``state_dict`` ``.pth``) strictly.
+"""Every checkpoint kind drdm reads or writes, in one module.
 
-The architecture hyper-parameters (``ndims``, ``in_channels``, ``timesteps``, ``time_dim``,
-``channels``) are read from the tensor shapes, so the 2D cardiac checkpoint and a 3D one with the
-same layout both load without configuration.
+* the authors' RecResACNet weights (a plain ``state_dict`` ``.pth``), loaded strictly: the
+  architecture (``ndims``, ``in_channels``, ``timesteps``, ``time_dim``, ``channels``) is read
+  from the tensor shapes, so the 2D cardiac checkpoint and a 3D one of the same layout load
+  without configuration (:func:`load_reference_checkpoint`);
+* Lightning ``.ckpt`` files of ``DRDMModule`` (:func:`read_lightning_checkpoint`,
+  :func:`network_state`, :func:`rebuild_drdm`: network and forward process rebuilt from the
+  stored configs, no LightningModule involved), including the legacy EMA layout
+  (:func:`upgrade_ema_layout`);
+* the slim packaged form (:func:`export_checkpoint`) and the word ``"default"`` for the packaged
+  model (:func:`resolve_checkpoint`);
+* network weights for fine-tuning from either kind (:func:`initialise_from`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 
 from drdm.nets.recresacnet import RecResACNet
+from drdm.pretrained import DEFAULT_MODEL, DEFAULT_NAME
+from drdm.utils.atomic import atomic_write
 from drdm.utils.errors import first_line
 
 # tensors whose shapes determine the constructor arguments
@@ -188,3 +200,81 @@ def initialise_from(net: torch.nn.Module, path: str | os.PathLike, map_location=
     else:
         state = _read_state_dict(path, map_location)
     _load_strictly(net, state, path)
+
+
+def rebuild_drdm(path, map_location="cpu", use_ema: bool = True):
+    """``(net, deformation, hyper-parameters, generation defaults)`` of a ``DRDMModule``
+    checkpoint, rebuilt from the configs it stores (no LightningModule involved); ``net`` in
+    eval mode with the EMA weights when ``use_ema`` and the run kept them."""
+    # Hydra rebuilds the stored configs: imported here so that generation's pure chain
+    # (drdm.generation.chain) imports without Hydra (tests/test_layers.py)
+    from drdm.utils.instantiate import build
+
+    checkpoint = read_lightning_checkpoint(path, map_location)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    missing = [key for key in ("net", "deformation", "image_size") if not hparams.get(key)]
+    if missing:
+        raise ValueError(
+            f"{path}: not a DRDMModule checkpoint (its hyper-parameters lack {missing}; "
+            "modules built from objects, not configs, cannot be rebuilt from a file)"
+        )
+    net = build(hparams["net"])
+    _load_strictly(net, network_state(path, checkpoint, use_ema), path)
+    deformation = build(hparams["deformation"])
+    return net.eval(), deformation, hparams, dict(checkpoint.get("generation_defaults") or {})
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """``"default"`` -> the packaged model (:mod:`drdm.pretrained`); any other value ->
+    ``Path(path)``.
+
+    Raises:
+        FileNotFoundError: ``"default"`` on an install without the packaged file.
+    """
+    if str(path) != DEFAULT_NAME:
+        return Path(path)
+    if not DEFAULT_MODEL.is_file():
+        raise FileNotFoundError(
+            f"the packaged default DRDM {DEFAULT_MODEL} is missing from this install; "
+            "reinstall drdm or pass a checkpoint path"
+        )
+    return DEFAULT_MODEL
+
+
+def _lightning_version() -> str | None:
+    try:
+        return version("lightning")
+    except PackageNotFoundError:
+        return None
+
+
+def export_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    use_ema: bool = True,
+    generation_defaults: dict | None = None,
+) -> Path:
+    """Write a slim copy of a ``DRDMModule`` checkpoint for shipping or sharing.
+
+    Keeps the hyper-parameters (the net and forward-process configs rebuild the model) and one set
+    of network weights (the EMA copy when ``use_ema`` and the run kept one), stored as the
+    module's ``net`` with EMA off; drops optimiser, scheduler and loop states.
+    ``generation_defaults`` (:class:`drdm.generation.DRDM` arguments, e.g. ``t0_start``,
+    ``start_step``) are stored for ``DRDM.load`` to use where its caller sets nothing. The
+    result loads with ``DRDMModule.load_from_checkpoint`` and ``DRDM.load``; written atomically.
+    """
+    checkpoint = read_lightning_checkpoint(source)
+    weights = {"net." + k: v for k, v in network_state(source, checkpoint, use_ema).items()}
+    hyper_parameters = dict(checkpoint["hyper_parameters"])
+    # no EMA copy, no init file, no figures folder of the machine that trained it
+    hyper_parameters.update(ema_decay=None, init_weights=None, figure_dir=None)
+    slim = {
+        "state_dict": weights,
+        "hyper_parameters": hyper_parameters,
+        "pytorch-lightning_version": checkpoint.get("pytorch-lightning_version")
+        or _lightning_version(),
+        "epoch": checkpoint.get("epoch"),
+        "global_step": checkpoint.get("global_step"),
+        "generation_defaults": dict(generation_defaults or {}),
+    }
+    return atomic_write(destination, lambda temporary: torch.save(slim, temporary))
