@@ -17,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 os.environ.setdefault("DRDM_ROOT", str(Path(__file__).resolve().parents[1]))
 
+from drdm.apps.augment import augment, summary_lines  # noqa: E402
+from drdm.utils.errors import report_user_errors  # noqa: E402
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="augment")
 def main(cfg: DictConfig) -> None:
-    from drdm.generation.files import augment
-    from drdm.utils.errors import report_user_errors
-
     t0 = cfg.t0
     with report_user_errors("augment.py"):
         summary = augment(
@@ -39,24 +39,7 @@ def main(cfg: DictConfig) -> None:
             overwrite=bool(cfg.overwrite),
             drdm_options=OmegaConf.to_container(cfg.generation, resolve=True),
         )
-    output = Path(cfg.output_dir)
-    lines = [
-        f"{summary['inputs']} inputs: {summary['generated']} samples generated, "
-        f"{summary['skipped']} already done -> {output}",
-        f"  samples: {output / 'image'}/<input>_<k>.nii.gz (the input's geometry)",
-        f"  fields:  {output / 'field'}/ (ITK displacement fields, mm: "
-        "sitk.DisplacementFieldTransform reads them)",
-    ]
-    if (output / "label").is_dir():
-        lines.append(f"  labels:  {output / 'label'}/ (warped by the same fields, nearest)")
-    lines += [
-        f"  manifest: {output / 'manifest.csv'} (one row per sample: t0, seeds, folding, "
-        "displacement in mm); run record: run.json (a re-run resumes, or refuses other settings)",
-        "  next: look at a sample with nibabel or ITK-SNAP; train a few-shot segmentation on "
-        "such pairs with src/train.py experiment=default_fewshot augmentation=drdm_offline "
-        f"augmentation.batch.offline.folder={output}",
-    ]
-    print("\n".join(lines))
+    print("\n".join(summary_lines(cfg.output_dir, summary)))
 
 
 if __name__ == "__main__":

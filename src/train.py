@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 # outputs go to <checkout>/logs wherever the script is started from (conf/paths/default.yaml)
 os.environ.setdefault("DRDM_ROOT", str(Path(__file__).resolve().parents[1]))
 
-from drdm.training import optimized_metric, register_resolvers, summary_lines, train  # noqa: E402
+from drdm.apps.train import optimized_metric, register_resolvers, summary_lines, train  # noqa: E402
 from drdm.utils.errors import report_user_errors  # noqa: E402
 
 # the resolvers conf/hardware uses, before Hydra composes the config

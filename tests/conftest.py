@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drdm.training import register_resolvers
+from drdm.apps.train import register_resolvers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(

@@ -14,11 +14,11 @@ from helpers.augment_inputs import SIZE, write_inputs
 from helpers.augment_inputs import blob_volume as _blob_volume
 from helpers.augment_inputs import output_files as _files
 
+from drdm.apps import augment as augment_files
+from drdm.apps.augment import augment
 from drdm.data.io import save_nifti
 from drdm.deform import folding_ratio, warp
 from drdm.generation import DRDM
-from drdm.generation import files as augment_files
-from drdm.generation.files import augment
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 3
@@ -264,8 +264,8 @@ def test_every_route_gets_one_precedence_of_generation_settings(checkpoint, inpu
     """``DRDM.load`` from Python, src/augment.py and the DRDM field source (the on-the-fly
     augmentation's and the registration's) resolve the same settings: the caller's, else the
     checkpoint's, else the shipped default."""
+    from drdm.field_sources.bank import DRDMFieldSource
     from drdm.generation import SHIPPED_DEFAULTS
-    from drdm.synthesis.sources import DRDMFieldSource
 
     python = DRDM.load(checkpoint).settings()
     for key, value in SHIPPED_DEFAULTS.items():  # this checkpoint recommends nothing

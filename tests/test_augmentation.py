@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from drdm.augmentation import AugmentationStrategy, DRDMBatchAugmentation, OfflineSyntheticPool
 from drdm.data.io import save_nifti
 from drdm.deform import RandomDeformation, warp
+from drdm.field_sources import DRDMFieldSource, ForwardDiffusionFieldSource
 from drdm.metrics import dice_score
-from drdm.synthesis import DRDMFieldSource, ForwardDiffusionFieldSource
 from drdm.utils.instantiate import load_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

@@ -1,10 +1,10 @@
-"""The field sources share one interface and one bank (drdm.synthesis.sources)."""
+"""The field sources share one interface and one bank (drdm.field_sources.bank)."""
 
 import pytest
 import torch
 
 from drdm.deform import RandomDeformation
-from drdm.synthesis import (
+from drdm.field_sources import (
     BSplineFieldSource,
     DRDMFieldSource,
     ForwardDiffusionFieldSource,

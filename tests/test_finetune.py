@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_train import compose_train
 
+from drdm.apps.train import train
 from drdm.checkpoints import initialise_from, load_reference_checkpoint
 from drdm.nets import RecResACNet
-from drdm.training import train
 
 CHECKPOINT = "cmr_recresacnet_reference.pth"
 

@@ -5,7 +5,7 @@ import torch
 
 from drdm.deform import warp
 from drdm.losses import gradient_smoothness, local_ncc
-from drdm.metrics.registration import (
+from drdm.metrics.pairwise import (
     endpoint_error,
     pair_metrics,
     sample_at_points,

@@ -124,7 +124,7 @@ def test_the_packaged_recommendation_applies_only_where_the_caller_sets_nothing(
 
 
 def test_the_embedded_experiments_use_the_packaged_model_through_their_configs():
-    from drdm.synthesis import DRDMFieldSource
+    from drdm.field_sources import DRDMFieldSource
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

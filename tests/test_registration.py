@@ -6,10 +6,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from drdm.deform import folding_ratio, warp
-from drdm.metrics.registration import endpoint_error
+from drdm.field_sources import BSplineFieldSource
+from drdm.metrics.pairwise import endpoint_error
 from drdm.models.registration import RegistrationModule, parse_mode
 from drdm.nets.registration_unet import RegistrationUNet
-from drdm.synthesis import BSplineFieldSource, make_pair
+from drdm.registration import make_pair
 
 SMALL_NET = {
     "_target_": "drdm.nets.registration_unet.RegistrationUNet",
@@ -19,7 +20,7 @@ SMALL_NET = {
     "final_channels": [8],
 }
 BSPLINE = {
-    "_target_": "drdm.synthesis.BSplineFieldSource",
+    "_target_": "drdm.field_sources.BSplineFieldSource",
     "ndims": 2,
     "cells": [2, 4],
     "amplitudes": [2.0, 1.0],
@@ -105,7 +106,7 @@ def test_parse_mode_rejects_unknown_names(mode):
 def test_synthetic_modes_need_their_field_source():
     with pytest.raises(ValueError, match="model.field_sources.synthetic_bspline"):
         RegistrationModule(SMALL_NET, mode="synthetic_bspline")
-    unset_drdm = {"_target_": "drdm.synthesis.DRDMFieldSource", "checkpoint": None}
+    unset_drdm = {"_target_": "drdm.field_sources.DRDMFieldSource", "checkpoint": None}
     with pytest.raises(ValueError, match="model.field_sources.synthetic_drdm.checkpoint"):
         RegistrationModule(
             SMALL_NET, mode="synthetic_drdm", field_sources={"synthetic_drdm": unset_drdm}

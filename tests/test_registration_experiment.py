@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from test_train import compose_train
 
+from drdm.apps.train import train
 from drdm.deform import warp
 from drdm.models.registration import RegistrationModule
-from drdm.training import train
 from drdm.utils.instantiate import build
 
 REPO = Path(__file__).resolve().parents[1]

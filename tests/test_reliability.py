@@ -26,11 +26,11 @@ from helpers.augment_inputs import blob_volume as _blob_volume
 from helpers.augment_inputs import output_files as _files
 from test_train import compose_train
 
+from drdm.apps.augment import ResumeMismatch, augment
+from drdm.apps.train import train
 from drdm.data.io import save_nifti
 from drdm.generation import SHIPPED_DEFAULTS
-from drdm.generation.files import ResumeMismatch, augment
 from drdm.pretrained import DEFAULT_MODEL
-from drdm.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 

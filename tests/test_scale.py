@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf, open_dict
 
-from drdm.training import (
+from drdm.apps.train import (
     check_launch,
     count_devices,
     effective_batch_size,

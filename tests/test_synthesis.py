@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from drdm.deform import warp
-from drdm.synthesis import (
+from drdm.field_sources import (
     BSplineFieldSource,
     DRDMFieldSource,
     MultiResolutionBSpline,
     evaluate_bspline,
-    make_pair,
 )
-from drdm.synthesis.bspline import bspline_weights
+from drdm.field_sources.bspline import bspline_weights
+from drdm.registration import make_pair
 
 
 @pytest.mark.parametrize("cells", [1, 3, 8])
@@ -104,7 +104,8 @@ def test_drdm_source_rejects_a_negative_bank_size(tmp_path):
 
 def test_known_field_pairs_are_seeded_by_pair_and_warp_the_moving_sample():
     from drdm.deform import folding_ratio
-    from drdm.synthesis import KnownFieldTransform, SmoothNoiseFieldSource
+    from drdm.field_sources import SmoothNoiseFieldSource
+    from drdm.registration import KnownFieldTransform
 
     image = torch.rand(1, 24, 20, generator=torch.Generator().manual_seed(0))
     label = (image > 0.5).long()

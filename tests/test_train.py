@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from drdm.training import train
+from drdm.apps.train import train
 from drdm.utils.instantiate import build
 
 REPO = Path(__file__).resolve().parents[1]

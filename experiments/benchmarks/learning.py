@@ -1,7 +1,7 @@
 """Learning-curve benchmark: how fast DRDM training reduces the recovery error, per recipe.
 
 Not a test. Each recipe is a list of Hydra overrides of ``conf/train.yaml`` (embedded data, 2D
-64 x 64, the same RecResACNet); it trains through ``drdm.training.train`` (the real
+64 x 64, the same RecResACNet); it trains through ``drdm.apps.train.train`` (the real
 Trainer, exactly what ``src/train.py`` runs) in its own process, one thread each, side by side.
 Every ``--eval-every`` training samples a callback measures the recovery error
 (:mod:`drdm.metrics.recovery`) of the network used for generation (the EMA copy when the recipe
@@ -153,7 +153,7 @@ def run_recipe(args: argparse.Namespace) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from drdm.training import register_resolvers, train
+    from drdm.apps.train import register_resolvers, train
 
     register_resolvers()
     overrides = [*RECIPES[args.recipe], *COMMON, *args.override, f"torch_threads={args.threads}"]

@@ -22,9 +22,9 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from drdm.apps.augment import find_label  # noqa: E402
 from drdm.data.io import load_nifti, nifti_stem  # noqa: E402
 from drdm.deform import jacobian_determinant  # noqa: E402
-from drdm.generation.files import find_label  # noqa: E402
 from drdm.utils.atomic import save_figure_atomic  # noqa: E402
 
 

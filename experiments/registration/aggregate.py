@@ -86,7 +86,7 @@ def test_batches(overrides: Sequence[str] = ()) -> list[dict]:
 
 def identity_rows(batches: Sequence[Mapping], num_classes: int | None) -> list[dict]:
     """Metrics of the zero field (no registration) on ``batches``."""
-    from drdm.metrics.registration import pair_metrics
+    from drdm.metrics.pairwise import pair_metrics
 
     rows = []
     for batch in batches:

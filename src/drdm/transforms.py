@@ -44,8 +44,8 @@ import torchio as tio
 from torchio.transforms.augmentation import RandomTransform
 from torchio.transforms.spatial_transform import SpatialTransform
 
+from drdm.data.displacement_files import world_displacement, write_displacement_field
 from drdm.deform import RandomDeformation, invert, jacobian_determinant, warp
-from drdm.fields import world_displacement, write_displacement_field
 from drdm.generation.sampler import DRDM, deformation_config
 
 RECORD_KEY = "drdm"

@@ -8,7 +8,7 @@ label map (``label_mode="nearest"``: nearest neighbour; ``"onehot"``: one-hot ch
 bilinearly, then argmax, which gives smoother label boundaries). Warp is a pull-back,
 ``out(x) = in(x + u(x))``, so each synthetic pair is the original pair moved by a known field.
 
-The field source is any of :mod:`drdm.synthesis.sources`, called as ``source(image [N, C, *S],
+The field source is any of :mod:`drdm.field_sources.bank`, called as ``source(image [N, C, *S],
 t0=[N] long, keys=ids) -> [N, ndims, *S]``: ``DRDMFieldSource`` (the trained DRDM) or
 ``ForwardDiffusionFieldSource`` (the forward process alone: an ablation that needs no trained
 model). The batch's sample ids name the images for the source's bank (``fields_per_image``):
@@ -37,7 +37,7 @@ class DRDMBatchAugmentation:
     """Append DRDM-deformed copies of real samples to a training batch.
 
     Args:
-        source: a field source (:mod:`drdm.synthesis.sources`), ``source(image, t0=..., keys=...)
+        source: a field source (:mod:`drdm.field_sources.bank`), ``source(image, t0=..., keys=...)
             -> displacement``; its ``fields_per_image`` bounds the fields made per sample.
         ratio: synthetic samples per real labelled sample in the batch (0.5: half as many
             synthetic as real are appended; 0 disables).

@@ -31,7 +31,7 @@ from drdm.data.batch import collate_pairs, collate_subjects
 from drdm.data.io import check_label_values
 from drdm.data.pairs import PAIR_MODES, PairDataset, build_pairs
 from drdm.data.preprocessing import PreprocessingConfig, preprocess_volume, size_transform
-from drdm.data.sampling import EpochShuffle
+from drdm.data.shuffle import EpochShuffle
 from drdm.data.slicing import extract_slices
 from drdm.data.sources import Source, SourceData
 from drdm.data.splits import SPLITS, select_labelled, split_groups

@@ -4,7 +4,7 @@
 * :mod:`drdm.generation.sampler` -- :class:`DRDM`: a trained network and its schedule, loaded
   from a Lightning ``.ckpt`` or the authors' ``.pth``, generating batches of samples;
 * :mod:`drdm.generation.slices` -- a 2D model on a 3D volume, slice by slice;
-* :mod:`drdm.generation.files` -- NIfTI inputs to NIfTI samples, labels, ITK fields and a
+* :mod:`drdm.apps.augment` -- NIfTI inputs to NIfTI samples, labels, ITK fields and a
   manifest (the body of ``src/augment.py``).
 
 Layers: this package uses ``drdm.deform``, ``drdm.nets`` and ``drdm.data.io``; Lightning

@@ -11,7 +11,7 @@ Training modes (``mode``):
 * ``synthetic_bspline+real`` / ``synthetic_drdm+real`` — the synthetic loss plus
   ``real_weight`` times the unsupervised loss on the batch's real pairs.
 
-Validation and test evaluate real pairs with :func:`drdm.metrics.registration.pair_metrics`
+Validation and test evaluate real pairs with :func:`drdm.metrics.pairwise.pair_metrics`
 (Dice / HD95 / ASD of warped labels, TRE, field error when the batch carries the true field,
 folding ratio, SD log-Jacobian). ``test_step`` keeps one row per pair in ``test_rows`` and the
 last predicted fields in ``test_outputs`` for :mod:`eval` to write.
@@ -31,9 +31,9 @@ from torch import nn
 from drdm.deform import warp
 from drdm.losses import gradient_smoothness, local_ncc
 from drdm.metrics.mean import WeightedMean
-from drdm.metrics.registration import PAIR_METRICS, pair_metrics
+from drdm.metrics.pairwise import PAIR_METRICS, pair_metrics
 from drdm.models.optim import ADAM, check_interval, configure
-from drdm.synthesis.pairs import make_pair
+from drdm.registration.synthetic_pairs import make_pair
 from drdm.utils.instantiate import build, to_plain
 
 BASE_MODES = ("unsupervised", "synthetic_bspline", "synthetic_drdm")

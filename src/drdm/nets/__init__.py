@@ -12,7 +12,7 @@ Hydra configs: ``conf/net/recresacnet.yaml``, ``conf/net/unet.yaml``.
 """
 
 from drdm.nets.embedding import FrozenStepEmbedding, sinusoidal_table
-from drdm.nets.recovery import RecoveryNet, clamp_to_image
+from drdm.nets.recovery_net import RecoveryNet, clamp_to_image
 from drdm.nets.recresacnet import AtrousResidualBlock, RecResACNet
 from drdm.nets.unet import UNet
 

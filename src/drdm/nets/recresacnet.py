@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from drdm.nets.embedding import FrozenStepEmbedding, step_mlp
-from drdm.nets.recovery import RecoveryNet
+from drdm.nets.recovery_net import RecoveryNet
 
 
 class AtrousResidualBlock(nn.Module):
@@ -78,7 +78,7 @@ class RecResACNet(RecoveryNet):
         atrous_rates: dilations of the convolutions inside each block.
         negative_slope: LeakyReLU slope (the authors' 1e-6 is a ReLU in practice).
         displacement_limit: ``"image"`` or ``"component"`` (the authors' bound; see
-            :class:`~drdm.nets.recovery.RecoveryNet`).
+            :class:`~drdm.nets.recovery_net.RecoveryNet`).
 
     Call: ``net(image [B,C,*S], t [B]) -> displacement [B, ndims, *S]`` in voxels.
     About 0.44 M parameters in 2D with the defaults (8000 of them the frozen step table).

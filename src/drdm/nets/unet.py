@@ -1,7 +1,7 @@
 """A wider time-conditioned U-Net recovery network (GroupNorm, SiLU, FiLM), 2D and 3D.
 
 Same interface and output unit as :class:`drdm.nets.RecResACNet` (it derives from
-:class:`drdm.nets.recovery.RecoveryNet`), different backbone::
+:class:`drdm.nets.recovery_net.RecoveryNet`), different backbone::
 
     stem conv                                        [B, c0, S]
     level i: blocks x ResBlock(t) -> skip_i, down    [B, c_i, S / 2^i]
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drdm.nets.embedding import FrozenStepEmbedding, step_mlp
-from drdm.nets.recovery import RecoveryNet
+from drdm.nets.recovery_net import RecoveryNet
 
 
 def _conv(ndims: int):

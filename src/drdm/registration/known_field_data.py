@@ -2,7 +2,7 @@
 
 A :class:`drdm.data.SubjectDataModule` (task ``registration``) whose pairs in
 ``known_field_splits`` (default: validation and test) are replaced by
-:class:`~drdm.synthesis.known_field.KnownFieldTransform` pairs: the moving sample and its copy
+:class:`~drdm.registration.known_field.KnownFieldTransform` pairs: the moving sample and its copy
 warped by a seeded field from a family the training never sees. Training pairs stay real (e.g.
 inter-subject slices), so ``+real`` and ``unsupervised`` modes never see the held-out field
 family. Validation/test batches then carry ``"displacement"`` and the registration metrics
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from drdm.data import SubjectDataModule
-from drdm.synthesis.known_field import KnownFieldTransform
+from drdm.registration.known_field import KnownFieldTransform
 from drdm.utils.instantiate import build
 
 

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from drdm.checkpoints import read_lightning_checkpoint
-from drdm.data.sampling import GLOBAL_STREAM
+from drdm.data.shuffle import GLOBAL_STREAM
 from drdm.utils.instantiate import build
 from drdm.utils.seeds import mix_seed
 
@@ -177,7 +177,7 @@ class RankSeed(L.Callback):
     the training steps draw from the global state (augmentations) then depends on the epoch
     alone, not on how the process got there, so a run resumed from an epoch-end checkpoint
     draws what the uninterrupted run drew (the loader's order is seeded the same way,
-    :mod:`drdm.data.sampling`).
+    :mod:`drdm.data.shuffle`).
     """
 
     def __init__(self, seed: int) -> None:

@@ -1,6 +1,6 @@
 """Evaluation pairs with a known ground-truth field, from a family the training never sees.
 
-Their fields come from :class:`drdm.synthesis.sources.SmoothNoiseFieldSource` in the default
+Their fields come from :class:`drdm.field_sources.bank.SmoothNoiseFieldSource` in the default
 experiment: Gaussian-smoothed white-noise velocities integrated by scaling and squaring (a
 SynthMorph-like family: neither B-spline nor DRDM), so neither synthetic training mode is
 evaluated on its own field family.
@@ -32,7 +32,7 @@ class KnownFieldTransform:
     """Pair hook: ``fixed := warp(moving, field)``, ``pair["displacement"] = field``.
 
     Args:
-        source: a field source (:mod:`drdm.synthesis.sources`), called as
+        source: a field source (:mod:`drdm.field_sources.bank`), called as
             ``source(image [1, 1, *S], generator=...) -> [1, ndims, *S]``.
         seed: base seed; each pair's field is seeded by ``seed`` and the pair's ids.
 

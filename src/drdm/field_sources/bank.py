@@ -43,8 +43,8 @@ import torch
 
 from drdm.checkpoints import resolve_checkpoint
 from drdm.deform import gaussian_smooth, integrate
+from drdm.field_sources.bspline import MultiResolutionBSpline
 from drdm.generation import DRDM
-from drdm.synthesis.bspline import MultiResolutionBSpline
 from drdm.utils.instantiate import build
 
 

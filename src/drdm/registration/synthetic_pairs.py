@@ -4,7 +4,7 @@ Because ``warp`` is a pull-back (``out(x) = image(x + u(x))``), a network whose 
 satisfies ``warp(moving, p) == fixed`` has recovered exactly ``p == field``. So the supervised
 target of a synthetic pair is the very field used to make it.
 
-The fields come from the field sources of :mod:`drdm.synthesis.sources` (B-splines, a trained
+The fields come from the field sources of :mod:`drdm.field_sources.bank` (B-splines, a trained
 DRDM, ...).
 
 Pure torch: no Lightning or Hydra.

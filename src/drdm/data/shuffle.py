@@ -18,7 +18,7 @@ from torch.utils.data import RandomSampler
 from drdm.utils.seeds import mix_seed
 
 # streams of mix_seed(seed, epoch, stream): keep the shuffle, the workers and the training
-# step's global re-seed (drdm.training.RankSeed) apart
+# step's global re-seed (drdm.apps.train.RankSeed) apart
 SHUFFLE_STREAM, WORKER_STREAM, GLOBAL_STREAM = 0, 1, 2
 
 

@@ -7,7 +7,7 @@ For each input ``X.nii.gz`` (a file, or every NIfTI in a folder except labels) a
 * ``label/X_k.nii.gz`` -- the label warped with nearest neighbour (when ``X_gt.nii.gz`` or
   ``labels/X.nii.gz`` exists beside the input),
 * ``field/X_k.nii.gz`` -- the displacement mapping the input to the sample, ITK layout
-  (:mod:`drdm.fields`),
+  (:mod:`drdm.data.displacement_files`),
 * one row in ``manifest.csv`` (input, k, t0, seeds, folding ratio, max / mean displacement in mm).
 
 A sample is finished when its files exist and its manifest row is written; a re-run generates
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from drdm.checkpoints import resolve_checkpoint
+from drdm.data.displacement_files import write_displacement_field
 from drdm.data.io import (
     check_label_values,
     check_same_geometry,
@@ -48,7 +49,6 @@ from drdm.data.io import (
     save_nifti_like,
 )
 from drdm.deform import displacement_to_world
-from drdm.fields import write_displacement_field
 from drdm.generation.sampler import DRDM, mix_seed
 from drdm.utils.atomic import remove_temporaries, write_csv_atomic, write_json_atomic
 from drdm.utils.progress import progress_bar
@@ -594,3 +594,25 @@ def augment(
         "%d inputs: %d samples generated, %d already done", len(cases), generated, total - generated
     )
     return {"inputs": len(cases), "generated": generated, "skipped": total - generated}
+
+
+def summary_lines(output_dir, summary: dict) -> list[str]:
+    """What ``src/augment.py`` prints when it is done: counts, where each output is, next steps."""
+    output = Path(output_dir)
+    lines = [
+        f"{summary['inputs']} inputs: {summary['generated']} samples generated, "
+        f"{summary['skipped']} already done -> {output}",
+        f"  samples: {output / 'image'}/<input>_<k>.nii.gz (the input's geometry)",
+        f"  fields:  {output / 'field'}/ (ITK displacement fields, mm: "
+        "sitk.DisplacementFieldTransform reads them)",
+    ]
+    if (output / "label").is_dir():
+        lines.append(f"  labels:  {output / 'label'}/ (warped by the same fields, nearest)")
+    lines += [
+        f"  manifest: {output / 'manifest.csv'} (one row per sample: t0, seeds, folding, "
+        "displacement in mm); run record: run.json (a re-run resumes, or refuses other settings)",
+        "  next: look at a sample with nibabel or ITK-SNAP; train a few-shot segmentation on "
+        "such pairs with src/train.py experiment=default_fewshot augmentation=drdm_offline "
+        f"augmentation.batch.offline.folder={output}",
+    ]
+    return lines
