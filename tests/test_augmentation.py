@@ -124,6 +124,10 @@ def test_baseline_strategies_run_on_a_batch(name):
     assert set(out["label"].unique().tolist()) <= {0, 1, 2}
     changed = not torch.equal(out["image"], batch["image"])
     assert changed == (name != "none")
+    # every sample keeps its anatomy: a transform that moves a one-voxel-thick 2D slice out of
+    # its own plane returns a blank sample (the affine strategy's z translation once did)
+    kept = (out["label"] > 0).flatten(1).sum(1) / (batch["label"] > 0).flatten(1).sum(1)
+    assert ((kept > 0.5) & (kept < 1.5)).all(), kept.tolist()
     if name in ("affine", "elastic", "affine_elastic"):
         # spatial transforms move the label with the image
         agreement = dice_score(out["label"], _labels_from_intensity(out["image"]), 3)

@@ -26,7 +26,8 @@ One command (defaults: the shared ACDC volume and the authors' 2D cardiac checkp
    DRDM against BigAug with bootstrap intervals and Wilcoxon p), ``runs.csv``, ``summary.csv``,
    ``plot.png``; ``run_info.md`` holds the commands, the machine and the wall times.
 
-A re-run with the same ``--work`` resumes: finished slices, samples and sweeps are kept.
+A re-run with the same ``--work`` resumes: finished slices, samples and sweeps are kept; a
+strategy added later (``--strategies X --sweeps sweeps_X``) joins the same table.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def augment_command(args: argparse.Namespace, pool_dir: Path, pairs_dir: Path) -
 def sweep_command(
     args: argparse.Namespace, slices: Path, pairs: Path, n: int, seed: int, train: list[str]
 ) -> tuple[list[str], Path]:
-    sweep_dir = args.work / "sweeps" / f"n{n}_seed{seed}"
+    sweep_dir = args.work / args.sweeps / f"n{n}_seed{seed}"
     command = [
         sys.executable,
         str(TRAIN),
@@ -186,6 +187,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="sweeps run at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per sweep")
     parser.add_argument("--work", type=Path, default=ROOT / "logs" / "fewshot_acdc")
+    parser.add_argument(
+        "--sweeps",
+        default="sweeps",
+        help="sweep folder under --work (another name adds strategies to a finished study)",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results_acdc")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args(argv)
@@ -253,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         f"- Sweeps ({minutes:.1f} min, {len(pending)} of {len(jobs)} run now, {args.jobs} at a "
         f"time, {args.threads} thread each); the first: `{shown(jobs[0][0])}`"
     )
-    result = aggregate([d for _, d in jobs], args.output)
+    # every sweep folder of the study: strategies added later under another --sweeps name too
+    result = aggregate(sorted(args.work.glob("sweeps*")), args.output)
     total = (time.perf_counter() - started) / 60
     lines.append(f"- Total wall time: {total:.1f} min for {len(result['runs'])} runs")
     lines.append(f"- Run folders: `{shown([str(args.work)])}`")
