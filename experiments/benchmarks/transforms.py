@@ -15,7 +15,9 @@ For each: seconds per sample (one single-channel image, the transform's own call
 max displacement (fraction of the image size, mean over the samples) measured on the interior
 (10 % border left out, where the peers pad). The peers return no field: it is read back by
 transforming the image's own voxel coordinates (one channel per axis) with linear interpolation,
-which reproduces a linear function exactly. Also the inverse's residual of drdm's transform
+which reproduces a linear function exactly; drdm's transforms report theirs (the subject's
+record; a trained DRDM's field depends on the image, so it is measured on the image itself).
+Also the inverse's residual of drdm's transform
 (``subject.apply_inverse_transform()``).
 
 Writes ``results/transforms.md`` / ``.json`` and ``results/transforms.png`` (2D: each method's
@@ -88,6 +90,31 @@ def torchio_call(transform):
     return call
 
 
+class DrdmCall:
+    """A drdm transform applied as the peers are; ``field(image)`` reads its exact field from
+    the subject's record instead of the coordinate trick: a trained DRDM's field depends on the
+    image it sees (a coordinate ramp would give another field)."""
+
+    def __init__(self, transform) -> None:
+        self.timed = torchio_call(transform)
+        self.transform = transform
+
+    def __call__(self, data: torch.Tensor) -> torch.Tensor:
+        return self.timed(data)
+
+    def field(self, image: torch.Tensor) -> torch.Tensor:
+        """``[1, n, *S]`` voxels (the subject's affine is the identity: mm are voxels)."""
+        planar = image.ndim == 2
+        tensor = image[None, ..., None] if planar else image[None]
+        self.transform.record = True
+        try:
+            out = self.transform(tio.Subject(image=tio.ScalarImage(tensor=tensor.clone())))
+        finally:
+            self.transform.record = False
+        field = out["drdm"]["field_mm"]
+        return (field[..., 0] if planar else field)[None].float()
+
+
 def monai_call(transform):
     def call(data: torch.Tensor) -> torch.Tensor:
         out = transform(data.clone())
@@ -106,15 +133,15 @@ def methods(ndims: int, quick: bool) -> dict:
         found = {
             "TorchIO RandomElasticDeformation": torchio_call(tio.RandomElasticDeformation()),
             "MONAI Rand2DElastic": monai_call(monai),
-            "drdm RandomDiffeomorphic": torchio_call(RandomDiffeomorphic(record=False)),
+            "drdm RandomDiffeomorphic": DrdmCall(RandomDiffeomorphic(record=False)),
             # the process it approximates at a tenth of the cost (4x finer integration grid)
-            "drdm RandomDiffeomorphic (reference_2d)": torchio_call(
+            "drdm RandomDiffeomorphic (reference_2d)": DrdmCall(
                 RandomDiffeomorphic(deformation="reference_2d", record=False)
             ),
         }
         if CHECKPOINT.is_file() and not quick:
             drdm = RandomDRDM(str(CHECKPOINT), record=False)
-            found["drdm RandomDRDM (authors' checkpoint)"] = torchio_call(drdm)
+            found["drdm RandomDRDM (authors' checkpoint)"] = DrdmCall(drdm)
         return found
     monai = Rand3DElastic(
         sigma_range=(5, 8), magnitude_range=(100, 200), prob=1.0, padding_mode="zeros"
@@ -123,7 +150,7 @@ def methods(ndims: int, quick: bool) -> dict:
     return {
         "TorchIO RandomElasticDeformation": torchio_call(tio.RandomElasticDeformation()),
         "MONAI Rand3DElastic": monai_call(monai),
-        "drdm RandomDiffeomorphic": torchio_call(RandomDiffeomorphic(record=False)),
+        "drdm RandomDiffeomorphic": DrdmCall(RandomDiffeomorphic(record=False)),
     }
 
 
@@ -135,16 +162,24 @@ def interior(shape) -> tuple[slice, ...]:
 OFFSET = 1000.0
 
 
-def field_statistics(call, shape) -> tuple[dict, torch.Tensor]:
-    """The field of one call, read from the transformed coordinates; interior statistics.
+def field_statistics(call, image: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The field of one call on ``image`` and its interior statistics.
 
-    Voxels whose position fell outside the image (the transform padded them) carry no field:
-    they are left out, and counted as ``outside``.
+    Peers: read from the transformed coordinates; voxels whose position fell outside the image
+    (padded) carry no field there. drdm: the exact field of its record. Either way voxels whose
+    position lies outside the image are left out of the statistics and counted as ``outside``.
     """
+    shape = tuple(image.shape)
     grid = coordinates(shape)
-    moved = call(grid + OFFSET)
-    inside = (moved > OFFSET - 0.5).all(dim=0) & (moved < OFFSET + max(shape)).all(dim=0)
-    displacement = torch.where(inside, moved - OFFSET - grid, torch.zeros_like(grid))[None]
+    if isinstance(call, DrdmCall):
+        displacement = call.field(image)
+        moved = grid + displacement[0]
+        inside = (moved >= 0) & (moved <= torch.tensor(shape).view(-1, *[1] * len(shape)) - 1)
+        inside = inside.all(dim=0)
+    else:
+        moved = call(grid + OFFSET)
+        inside = (moved > OFFSET - 0.5).all(dim=0) & (moved < OFFSET + max(shape)).all(dim=0)
+        displacement = torch.where(inside, moved - OFFSET - grid, torch.zeros_like(grid))[None]
     inner = interior(shape)
     valid = inside[inner]
     determinant = jacobian_determinant(displacement)[0][inner][valid]
@@ -165,7 +200,7 @@ def measure(name: str, call, image: torch.Tensor, samples: int) -> dict:
         start = time.perf_counter()
         call(image[None])
         seconds.append(time.perf_counter() - start)
-    statistics = [field_statistics(call, tuple(image.shape))[0] for _ in range(samples)]
+    statistics = [field_statistics(call, image)[0] for _ in range(samples)]
     row = {
         "method": name,
         "seconds": float(np.mean(seconds)),
@@ -253,7 +288,7 @@ def figure(image: torch.Tensor, calls: dict, path: Path) -> None:
     panels = [("input", image, grid, None)]
     for name, call in calls.items():
         torch.manual_seed(1)
-        statistics, displacement = field_statistics(call, shape)
+        statistics, displacement = field_statistics(call, image)
         warped = warp(image[None, None], displacement)[0, 0]
         lines = warp(grid[None, None], displacement)[0, 0]
         panels.append((name, warped, lines, statistics))
