@@ -365,7 +365,7 @@ def write_report(
         ours, loop = row["ours"], row["loop"]
         memory = row.get("memory")
         lines.append(
-            f"| {row['case']} | {row['t']} | {ours['seconds']:.3f} | {loop['seconds']:.3f} | "
+            f"| {row['case']} | {row['t']} | {ours['seconds']:.5f} | {loop['seconds']:.5f} | "
             f"{loop['seconds'] / ours['seconds']:.1f}x | {100 * ours['folding']:.3f}% | "
             f"{100 * loop['folding']:.3f}% | {100 * ours['mean_fraction']:.2f}% | "
             f"{100 * loop['mean_fraction']:.2f}% | {100 * ours['max_fraction']:.1f}% | "
