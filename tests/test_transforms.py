@@ -15,6 +15,7 @@ from drdm.transforms import (
     forward_process,
     write_field,
 )
+from drdm.transforms import voxel_field as drdm_voxel_field
 
 AFFINE_2D = np.array([[0.0, -1.2, 0, 30.0], [1.1, 0.0, 0, -4.0], [0, 0, 3.0, 7.0], [0, 0, 0, 1]])
 
@@ -49,11 +50,7 @@ def subject_3d(size=24) -> tio.Subject:
 
 def voxel_field(subject: tio.Subject) -> torch.Tensor:
     """The recorded field (mm, RAS) back in voxels of the array axes, ``[1, n, *S]``."""
-    field = subject["drdm"]["field_mm"].double()
-    linear = torch.as_tensor(subject["image"].affine[:3, :3])
-    if field.shape[0] == 2:
-        field, linear = field[..., 0], linear[:2, :2]
-    return torch.einsum("ij,j...->i...", torch.linalg.inv(linear), field)[None].float()
+    return drdm_voxel_field(subject)[None].float()
 
 
 def test_image_and_label_follow_one_field_and_keep_their_geometry():

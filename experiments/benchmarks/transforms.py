@@ -43,7 +43,7 @@ from benchmark_utils import RESULTS_DIR, ROOT, command_line, machine_description
 from monai.transforms import Rand2DElastic, Rand3DElastic
 
 from drdm.data.io import load_nifti
-from drdm.deform import jacobian_determinant, warp
+from drdm.deform import identity_grid, jacobian_determinant, warp
 from drdm.transforms import RandomDiffeomorphic, RandomDRDM
 from drdm.utils.atomic import save_figure_atomic
 
@@ -71,10 +71,6 @@ def image_2d(size: int) -> torch.Tensor:
 def image_3d(size: int) -> torch.Tensor:
     grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij"))
     return ((grid.norm(dim=0) < 0.6).float() + 0.2 * torch.sin(6 * grid[0])).clamp(0, 1)
-
-
-def coordinates(shape) -> torch.Tensor:
-    return torch.stack(torch.meshgrid(*[torch.arange(float(n)) for n in shape], indexing="ij"))
 
 
 # --------------------------------------------------------------------------- the methods
@@ -170,7 +166,7 @@ def field_statistics(call, image: torch.Tensor) -> tuple[dict, torch.Tensor]:
     position lies outside the image are left out of the statistics and counted as ``outside``.
     """
     shape = tuple(image.shape)
-    grid = coordinates(shape)
+    grid = identity_grid(shape)
     if isinstance(call, DrdmCall):
         displacement = call.field(image)
         moved = grid + displacement[0]

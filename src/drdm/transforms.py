@@ -59,7 +59,7 @@ def _is_2d(subject: tio.Subject) -> bool:
     return subject.spatial_shape[-1] == 1
 
 
-def _reference(subject: tio.Subject, images: list[tio.Image]) -> tio.Image:
+def _reference(images: list[tio.Image]) -> tio.Image:
     if not images:
         raise ValueError("the transform found no image in the subject (check include / exclude)")
     return images[0]
@@ -102,8 +102,9 @@ def _record(
     }
 
 
-def write_field(subject: tio.Subject, path: str | Path, image_key: str | None = None) -> Path:
-    """Write ``subject["drdm"]["field_mm"]`` as an ITK displacement NIfTI (as ``augment.py``).
+def voxel_field(subject: tio.Subject, image_key: str | None = None) -> torch.Tensor:
+    """``subject["drdm"]["field_mm"]`` back in voxels of the image's array axes, float64
+    ``[n, *S]`` (2D subjects: ``[2, W, H]``), ``warp``'s convention.
 
     ``image_key``: the image whose geometry the field lives on (default: the first image).
     """
@@ -113,15 +114,20 @@ def write_field(subject: tio.Subject, path: str | Path, image_key: str | None = 
         )
     image = subject[image_key] if image_key else subject.get_first_image()
     field = subject[RECORD_KEY]["field_mm"].double()
-    # back to voxels of the array axes, which write_displacement_field converts to mm itself
-    planar = image.spatial_shape[-1] == 1 and field.shape[0] == 2
     linear = torch.as_tensor(image.affine[:3, :3], dtype=torch.float64)
-    if planar:
-        field = field[..., 0]
-        linear = linear[:2, :2]
-    voxels = torch.einsum("ij,j...->i...", torch.linalg.inv(linear), field)
-    affine = image.affine
-    return write_displacement_field(path, voxels.numpy(), affine)
+    if image.spatial_shape[-1] == 1 and field.shape[0] == 2:
+        field, linear = field[..., 0], linear[:2, :2]
+    return torch.einsum("ij,j...->i...", torch.linalg.inv(linear), field)
+
+
+def write_field(subject: tio.Subject, path: str | Path, image_key: str | None = None) -> Path:
+    """Write ``subject["drdm"]["field_mm"]`` as an ITK displacement NIfTI (as ``augment.py``).
+
+    ``image_key``: the image whose geometry the field lives on (default: the first image).
+    """
+    image = subject[image_key] if image_key else subject.get_first_image()
+    # write_displacement_field takes voxels of the array axes and converts them to mm itself
+    return write_displacement_field(path, voxel_field(subject, image_key).numpy(), image.affine)
 
 
 def _as_range(value, name: str, low: int, high: int) -> tuple[int, int]:
@@ -165,7 +171,7 @@ class _FieldTransform(SpatialTransform):
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         subject.check_consistent_spatial_shape()
         images = self.get_images(subject)
-        reference = _reference(subject, images)
+        reference = _reference(images)
         displacement = self.displacement(subject, reference)
         residual = None
         if self.invert_transform:
@@ -373,7 +379,7 @@ class _RandomField(RandomTransform, SpatialTransform):
         seed = self._get_random_seed()
         if torch.rand(1).item() > self.apply_probability:
             if self.record:
-                reference = _reference(subject, self.get_images(subject))
+                reference = _reference(self.get_images(subject))
                 planar = _is_2d(subject)
                 shape = reference.spatial_shape[:2] if planar else reference.spatial_shape
                 zero = torch.zeros(1, len(shape), *shape)
