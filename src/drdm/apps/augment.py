@@ -24,7 +24,6 @@ write: only its own leftover temporaries (:func:`drdm.utils.atomic.remove_tempor
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -49,28 +48,14 @@ from drdm.data.io import (
     save_nifti_like,
 )
 from drdm.deform import displacement_to_world
+from drdm.generation.manifest import MANIFEST, read_manifest, write_manifest
 from drdm.generation.sampler import DRDM, mix_seed
-from drdm.utils.atomic import remove_temporaries, write_csv_atomic, write_json_atomic
+from drdm.utils.atomic import remove_temporaries, write_json_atomic
 from drdm.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = (
-    "input",
-    "k",
-    "t0",
-    "seed",
-    "sample_seed",
-    "folding_ratio",
-    "repaired_ratio",
-    "max_displacement_mm",
-    "mean_displacement_mm",
-    "image",
-    "label",
-    "field",
-)
 LABEL_SUFFIX = "_gt"
-MANIFEST = "manifest.csv"
 RUN_RECORD = "run.json"
 OUTPUT_KINDS = ("image", "label", "field")
 # the largest label value accepted: label maps hold class indices, not measurements
@@ -287,19 +272,6 @@ def remove_previous_outputs(output_dir: Path, manifest: dict) -> int:
     return removed
 
 
-def _write_manifest(path: Path, rows: dict[tuple[str, int], dict]) -> None:
-    """Rewrite ``manifest.csv`` atomically, rows sorted by (input, k)."""
-    write_csv_atomic(path, [rows[key] for key in sorted(rows)], MANIFEST_COLUMNS, "raise")
-
-
-def read_manifest(path: Path) -> dict[tuple[str, int], dict]:
-    """Rows of an existing ``manifest.csv`` keyed by (input stem, k); empty if absent."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as stream:
-        return {(row["input"], int(row["k"])): row for row in csv.DictReader(stream)}
-
-
 def remove_stale_temporaries(
     output_dir: Path, cases: Sequence[InputCase], num_samples: int
 ) -> list[Path]:
@@ -427,7 +399,7 @@ def augment_case(
             "field": str(paths["field"].relative_to(output_dir)),
         }
         # the row is what marks the sample finished: written only after its files
-        _write_manifest(output_dir / MANIFEST, manifest)
+        write_manifest(output_dir / MANIFEST, manifest)
 
     written = 0
     for block in sample_blocks(num_samples, drdm.images_per_call // rows):

@@ -15,7 +15,6 @@ batch of ``B`` real samples, on the training device, exactly like the on-the-fly
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from drdm.augmentation.drdm_batch import append_metadata
 from drdm.data.io import load_nifti
+from drdm.generation.manifest import MANIFEST, read_manifest
 
 
 def _load(path: Path) -> np.ndarray:
@@ -41,15 +41,14 @@ def manifest_pairs(folder: Path, inputs: Sequence[str] | None) -> list[tuple[Pat
     ``inputs``: keep the samples of these input stems only (``None``: all); an input the manifest
     does not list is an error, so a misspelt id cannot silently leave a run without its pairs.
     """
-    with open(folder / "manifest.csv", newline="") as stream:
-        rows = list(csv.DictReader(stream))
+    rows = list(read_manifest(folder / MANIFEST).values())
     if inputs is not None:
         wanted = [str(name) for name in inputs]
         listed = {row["input"] for row in rows}
         missing = [name for name in wanted if name not in listed]
         if missing:
             raise ValueError(
-                f"{folder / 'manifest.csv'} has no samples of inputs {missing} "
+                f"{folder / MANIFEST} has no samples of inputs {missing} "
                 f"(it lists {sorted(listed)[:10]})"
             )
         rows = [row for row in rows if row["input"] in set(wanted)]
@@ -104,7 +103,7 @@ class OfflineSyntheticPool:
         if not self.folder.is_dir():
             raise FileNotFoundError(f"offline augmentation folder not found: {self.folder}")
         self.ratio = float(ratio)
-        if (self.folder / "manifest.csv").is_file():
+        if (self.folder / MANIFEST).is_file():
             pairs = manifest_pairs(self.folder, inputs)
         elif inputs is not None:
             raise ValueError(
